@@ -1,0 +1,78 @@
+"""Prometheus metrics of one server, in a registry of its own.
+
+Each :class:`RelayServer` has its own :class:`Metrics` (so several servers can run
+in one process, as the tests do). Hot-path callers make one counter call per
+publish, never one per subscriber.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from . import fastpath
+from ._version import __version__
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    """The counters, gauges and histograms relay exports."""
+
+    def __init__(self, node_id: str) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        info = Gauge("relay_info", "Build and node information (always 1).",
+                     ["version", "fastpath", "node"], registry=r)
+        info.labels(__version__, fastpath.IMPLEMENTATION, node_id).set(1)
+        self.connections = Gauge("relay_active_connections", "Open WebSocket connections.", registry=r)
+        self.connections_total = Counter(
+            "relay_connections_total", "WebSocket connections accepted.", ["encoding"], registry=r)
+        self.connection_duration = Histogram(
+            "relay_connection_duration_seconds", "How long WebSocket connections stayed open.",
+            buckets=(1, 10, 60, 300, 1800, 3600, 6 * 3600, 24 * 3600), registry=r)
+        self.handshakes_refused = Counter(
+            "relay_handshakes_refused_total", "WebSocket upgrades refused, by reason.",
+            ["reason"], registry=r)
+        self.messages_in = Counter(
+            "relay_messages_received_total", "Client messages received, by type.",
+            ["type"], registry=r)
+        self.published = Counter(
+            "relay_publications_total", "Messages published, by transport.",
+            ["transport"], registry=r)
+        self.deliveries = Counter(
+            "relay_deliveries_total", "Messages handed to subscribers' send queues, by channel mode.",
+            ["mode"], registry=r)
+        self.errors = Counter(
+            "relay_errors_total", "Error answers sent to clients, by code.", ["code"], registry=r)
+        self.slow_consumers = Counter(
+            "relay_slow_consumer_actions_total",
+            "Slow-consumer actions taken (disconnect, drop, conflate).", ["action"], registry=r)
+        self.recoveries = Counter(
+            "relay_recoveries_total", "Subscriptions with since, by outcome.", ["recovered"],
+            registry=r)
+        self.http_requests = Counter(
+            "relay_http_requests_total", "Plain HTTP requests, by route and status.",
+            ["route", "status"], registry=r)
+        self.channels = Gauge("relay_channels", "Channels held in memory.", registry=r)
+        self.draining = Gauge("relay_draining", "1 while the server drains.", registry=r)
+        self.bytes_out = Counter(
+            "relay_sent_bytes_total", "Bytes written to WebSocket connections.", registry=r)
+
+    def bind_channels(self, count: Callable[[], int]) -> None:
+        """Make the ``relay_channels`` gauge read ``count()`` at scrape time."""
+        self.channels.set_function(count)
+
+    def delivered(self, n: int, mode: str) -> None:
+        self.deliveries.labels(mode).inc(n)
+
+    def slow_consumer(self, action: str, n: int = 1) -> None:
+        self.slow_consumers.labels(action).inc(n)
+
+    def recovery(self, recovered: bool) -> None:
+        self.recoveries.labels("true" if recovered else "false").inc()
+
+    def render(self) -> bytes:
+        """Return the Prometheus text exposition."""
+        return generate_latest(self.registry)

@@ -1,0 +1,165 @@
+"""RelayServer: the root of the task tree, its listener, and graceful drain.
+
+The server owns one nursery. In it run the listener (inside a cancel scope of its
+own so drain can stop accepting without touching open connections), one task per
+TCP connection, and the channel sweeper. ``run_server`` adds signal handling for
+the ``relay serve`` command.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import signal
+import time
+from functools import partial
+
+import trio
+
+from ..config import Config, effective_node_id
+from ..metrics import Metrics
+from .frontdoor import handle_stream
+from .hub import Hub
+from .ws import CLOSE_GOING_AWAY, Connection
+
+log = logging.getLogger("relay.server")
+
+#: How often channels with no members and expired history are forgotten.
+SWEEP_SECONDS = 10.0
+
+
+class RelayServer:
+    """One relay node: listener, connections, channels, metrics."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.node_id = effective_node_id(config)
+        self.metrics = Metrics(self.node_id)
+        self.hub = Hub(config, self.metrics)
+        self.metrics.bind_channels(lambda: self.hub.statistics().channels)
+        self.connections: dict[str, Connection] = {}
+        self.idle_http: set[trio.CancelScope] = set()
+        self.draining = False
+        self.port: int = 0
+        self._nursery: trio.Nursery | None = None
+        self._listen_scope = trio.CancelScope()
+        self._emptied = trio.Event()
+
+    @property
+    def url(self) -> str:
+        """The WebSocket URL clients use, e.g. ``ws://127.0.0.1:8765/ws``."""
+        host = self.config.host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"ws://{host}:{self.port}/ws"
+
+    @property
+    def http_url(self) -> str:
+        return self.url[len("ws"):-len("/ws")].join(("http", ""))
+
+    async def run(self, *, task_status: trio.TaskStatus[RelayServer] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen and serve until :meth:`drain` finishes or :meth:`stop` is called.
+
+        With ``nursery.start`` it returns the server once the port is bound. When
+        cancelled, every connection is dropped at once (use :meth:`drain` to close
+        them gracefully first).
+        """
+        cfg = self.config
+        listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host)
+        self.port = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._listen, listeners, nursery)
+            nursery.start_soon(self._sweeper)
+            log.info("relay listening on %s (node %s)", self.url, self.node_id)
+            task_status.started(self)
+
+    async def _listen(self, listeners: list[trio.SocketListener], nursery: trio.Nursery) -> None:
+        with self._listen_scope:
+            await trio.serve_listeners(
+                partial(handle_stream, self), listeners, handler_nursery=nursery)
+
+    async def _sweeper(self) -> None:
+        while True:
+            await trio.sleep(SWEEP_SECONDS)
+            self.hub.sweep(trio.current_time())
+
+    def add_connection(self, conn: Connection) -> None:
+        self.connections[conn.id] = conn
+        self.metrics.connections.inc()
+        self.metrics.connections_total.labels(conn.codec.name).inc()
+
+    def remove_connection(self, conn: Connection) -> None:
+        if self.connections.pop(conn.id, None) is not None:
+            self.metrics.connections.dec()
+            self.metrics.connection_duration.observe(max(0.0, time.time() - conn.started_at))
+        if self.draining and not self.connections:
+            self._emptied.set()
+
+    async def drain(self) -> None:
+        """Stop accepting, close every client with 1001 and a reconnect hint, then stop.
+
+        Each client's close reason is ``{"reconnect_after_ms": N}`` with N spread
+        uniformly over ``drain_window`` so reconnections do not arrive all at once.
+        Waits up to ``drain_timeout`` for the clients to go, then cancels whatever
+        is left. Safe to call more than once.
+        """
+        if self.draining:
+            return
+        cfg = self.config
+        self.draining = True
+        self.metrics.draining.set(1)
+        self._listen_scope.cancel()
+        for scope in list(self.idle_http):
+            scope.cancel()
+        window_ms = cfg.drain_window * 1000.0
+        conns = list(self.connections.values())
+        log.info("draining: closing %d connection(s) with 1001 over a %.1fs window",
+                 len(conns), cfg.drain_window)
+        for conn in conns:
+            hint = json.dumps({"reconnect_after_ms": int(random.uniform(0, window_ms))})
+            conn.kick(CLOSE_GOING_AWAY, hint)
+        if self.connections:
+            with trio.move_on_after(cfg.drain_timeout) as scope:
+                await self._emptied.wait()
+            if scope.cancelled_caught:
+                log.warning("drain timeout: %d connection(s) still open, dropping them",
+                            len(self.connections))
+        self.stop()
+
+    def stop(self) -> None:
+        """Cancel everything at once."""
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+
+async def run_server(config: Config) -> int:
+    """Serve until SIGTERM or SIGINT, then drain; a second signal stops at once.
+
+    Returns the process exit code: 0 after a drain, 1 when the port cannot be bound.
+    """
+    server = RelayServer(config)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def watch_signals() -> None:
+                async for signum in signals:
+                    name = signal.Signals(signum).name
+                    if server.draining:
+                        log.warning("received %s again: stopping now", name)
+                        server.stop()
+                    else:
+                        log.info("received %s: draining", name)
+                        nursery.start_soon(server.drain)
+
+            nursery.start_soon(watch_signals)
+            try:
+                await server.run()
+            except OSError as exc:
+                log.error("cannot listen on %s port %s: %s", config.host, config.port, exc)
+                return 1
+            finally:
+                nursery.cancel_scope.cancel()
+    log.info("relay stopped")
+    return 0

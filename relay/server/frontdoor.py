@@ -1,0 +1,255 @@
+"""The front door of every TCP connection: read the HTTP request with h11, then route it.
+
+A WebSocket upgrade to ``/ws`` is handed to trio-websocket on a stream that
+replays the bytes h11 already read; anything else is answered as plain HTTP with
+keep-alive. A connection that does not deliver a complete request within
+``handshake_timeout`` is dropped (slowloris).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import h11
+import trio
+import trio_websocket
+
+from ..core.codec import BY_SUBPROTOCOL, JSON, SUPPORTED_SUBPROTOCOLS, Codec, negotiate
+from . import http_api
+from .ws import CLOSE_GRACE_SECONDS, CLOSE_INTERNAL_ERROR, Connection
+
+if TYPE_CHECKING:
+    from .app import RelayServer
+
+log = logging.getLogger("relay.server")
+
+MAX_REQUEST_HEAD_BYTES = 16 * 1024
+RECEIVE_BYTES = 16 * 1024
+WS_PATH = "/ws"
+
+
+class ReplayStream(trio.abc.Stream):
+    """A stream that first returns bytes already read from ``inner``, then reads ``inner``."""
+
+    def __init__(self, inner: trio.SocketStream, prefix: bytes) -> None:
+        self._inner = inner
+        self._prefix = prefix
+
+    @property
+    def socket(self) -> trio.socket.SocketType:
+        return self._inner.socket
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._prefix:
+            await trio.lowlevel.checkpoint()
+            n = len(self._prefix) if max_bytes is None else max_bytes
+            data, self._prefix = self._prefix[:n], self._prefix[n:]
+            return data
+        return await self._inner.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._inner.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+def _peer(stream: trio.SocketStream) -> str:
+    try:
+        addr = stream.socket.getpeername()
+    except OSError:
+        return "?"
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _header(request: h11.Request, name: bytes) -> bytes | None:
+    for key, value in request.headers:
+        if key == name:
+            return value
+    return None
+
+
+def _is_upgrade(request: h11.Request) -> bool:
+    upgrade = _header(request, b"upgrade")
+    return upgrade is not None and upgrade.lower() == b"websocket"
+
+
+class _Reader:
+    """Feeds h11 from the socket and keeps the raw bytes of the first request."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES)
+        self.raw = bytearray()
+        self.keep_raw = True
+
+    async def next_event(self) -> h11.Event | type[h11.PAUSED] | type[h11.NEED_DATA]:
+        while True:
+            event = self.h11.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            data = await self.stream.receive_some(RECEIVE_BYTES)
+            if self.keep_raw:
+                self.raw += data
+            self.h11.receive_data(data)
+
+    async def read_body(self, limit: int) -> bytes | None:
+        """Return the request body, or None when it is over ``limit`` bytes."""
+        body = bytearray()
+        while True:
+            event = await self.next_event()
+            if isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > limit:
+                    return None
+            elif isinstance(event, h11.EndOfMessage):
+                return bytes(body)
+            else:
+                raise h11.RemoteProtocolError(f"unexpected {type(event).__name__} in a request body")
+
+
+async def handle_stream(server: RelayServer, stream: trio.SocketStream) -> None:
+    """Serve one TCP connection until it closes; never raises."""
+    peer = _peer(stream)
+    try:
+        await _serve(server, stream, peer)
+    except Exception:
+        log.exception("unexpected error serving %s", peer)
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+async def _send(reader: _Reader, response: http_api.Response, *, method: str = "GET", close: bool = False) -> None:
+    headers = [("Content-Type", response.content_type), ("Content-Length", str(len(response.body)))]
+    headers += response.headers
+    if close:
+        headers.append(("Connection", "close"))
+    conn = reader.h11
+    data = conn.send(h11.Response(status_code=response.status, headers=headers))
+    if method != "HEAD":
+        data += conn.send(h11.Data(data=response.body))
+    data += conn.send(h11.EndOfMessage())
+    await reader.stream.send_all(data)
+
+
+async def _serve(server: RelayServer, stream: trio.SocketStream, peer: str) -> None:
+    cfg = server.config
+    reader = _Reader(stream)
+    first = True
+    while True:
+        timeout = cfg.handshake_timeout if first else cfg.http_idle_timeout
+        with trio.move_on_after(timeout) as scope:
+            if not first:
+                server.idle_http.add(scope)
+            try:
+                event = await reader.next_event()
+                if not isinstance(event, h11.Request):
+                    return  # closed before a request (or a stray event): nothing to answer
+                if _is_upgrade(event):
+                    if not first:
+                        await _send(reader, http_api.error_response(
+                            400, "bad_request", "a WebSocket upgrade must be the first request"), close=True)
+                        return
+                    scope.deadline = trio.current_time() + cfg.handshake_timeout
+                    await _upgrade(server, reader, event, peer, scope)
+                    return
+                server.idle_http.discard(scope)
+                scope.deadline = trio.current_time() + cfg.handshake_timeout
+                reader.keep_raw = False
+                method = event.method.decode("ascii", "replace")
+                target = event.target.decode("ascii", "replace")
+                body = await reader.read_body(cfg.max_message_size)
+            except h11.RemoteProtocolError as exc:
+                if reader.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                    status = exc.error_status_hint
+                    with trio.move_on_after(1):
+                        await _send(reader, http_api.error_response(status, "bad_request", str(exc)), close=True)
+                return
+            finally:
+                server.idle_http.discard(scope)
+        if scope.cancelled_caught:
+            if first or reader.h11.their_state is not h11.IDLE:
+                log.debug("dropped %s: no complete request within %ss", peer, timeout)
+            return
+        if body is None:
+            response = http_api.error_response(
+                413, "too_large", f"body exceeds max_message_size={cfg.max_message_size:,} bytes")
+            route_name, close = "too_large", True
+        else:
+            route_name, response = http_api.route(server, method, target, body)
+            close = server.draining
+        server.metrics.http_requests.labels(route_name, str(response.status)).inc()
+        await _send(reader, response, method=method, close=close)
+        if close or reader.h11.our_state is h11.MUST_CLOSE:
+            return
+        try:
+            reader.h11.start_next_cycle()
+        except h11.LocalProtocolError:
+            return
+        first = False
+
+
+async def _upgrade(server: RelayServer, reader: _Reader, request: h11.Request, peer: str,
+                   handshake: trio.CancelScope) -> None:
+    metrics = server.metrics
+    path = request.target.split(b"?", 1)[0]
+    if path != WS_PATH.encode():
+        metrics.handshakes_refused.labels("not_found").inc()
+        await _send(reader, http_api.error_response(
+            404, "not_found", f"WebSocket endpoint is {WS_PATH}"), close=True)
+        return
+    stream = ReplayStream(reader.stream, bytes(reader.raw))
+    async with trio.open_nursery() as nursery:
+        try:
+            ws = await _handshake(server, nursery, stream)
+        except trio_websocket.ConnectionClosed:
+            ws = None  # the peer left during the handshake: nothing to answer
+        if ws is None:
+            nursery.cancel_scope.cancel()
+            return
+        handshake.deadline = float("inf")
+        conn = Connection(server, ws, codec_of(ws), peer)
+        server.add_connection(conn)
+        try:
+            await conn.serve()
+        except Exception:
+            log.exception("connection %s (%s): unexpected error; closing with 1011", conn.id, peer)
+            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_GRACE_SECONDS):
+                await ws.aclose(CLOSE_INTERNAL_ERROR, "internal error")
+        finally:
+            server.remove_connection(conn)
+            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_GRACE_SECONDS):
+                await ws.aclose()
+            nursery.cancel_scope.cancel()
+
+
+def codec_of(ws: trio_websocket.WebSocketConnection) -> Codec:
+    """Return the codec of an accepted connection (JSON when no subprotocol was chosen)."""
+    return BY_SUBPROTOCOL.get(ws.subprotocol or "", JSON)
+
+
+async def _handshake(server: RelayServer, nursery: trio.Nursery,
+                     stream: ReplayStream) -> trio_websocket.WebSocketConnection | None:
+    """Negotiate the subprotocol and accept, or refuse with a status that says why."""
+    metrics = server.metrics
+    ws_request = await trio_websocket.wrap_server_stream(
+        nursery, stream, max_message_size=server.config.max_message_size)
+    codec = negotiate(ws_request.proposed_subprotocols)
+    if codec is None:
+        metrics.handshakes_refused.labels("subprotocol").inc()
+        offered = ", ".join(ws_request.proposed_subprotocols)
+        await ws_request.reject(400, body=(
+            f"unsupported subprotocol(s): {offered}; supported: "
+            f"{', '.join(SUPPORTED_SUBPROTOCOLS)}\n").encode())
+        return None
+    if server.draining:
+        metrics.handshakes_refused.labels("draining").inc()
+        await ws_request.reject(503, body=b"server is draining; retry on another node\n")
+        return None
+    chosen = codec.subprotocol if ws_request.proposed_subprotocols else None
+    return await ws_request.accept(subprotocol=chosen)

@@ -1,0 +1,138 @@
+"""Plain-HTTP routes on the WebSocket port: health, readiness, metrics, publish, history.
+
+Each route takes the parsed request and its body and returns a :class:`Response`;
+the front door owns the socket and h11. Errors are JSON objects
+``{"error": code, "message": text}`` with a matching HTTP status.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import trio
+
+from ..core.codec import dumps_json
+from ..core.envelope import validate_channel
+from ..errors import BadRequest, PeerError
+from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+
+if TYPE_CHECKING:
+    from .app import RelayServer
+
+JSON_TYPE = "application/json"
+HISTORY_PREFIX = "/api/channels/"
+HISTORY_SUFFIX = "/history"
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes = b""
+    content_type: str = "text/plain; charset=utf-8"
+    headers: list[tuple[str, str]] = field(default_factory=list)
+
+
+def json_response(status: int, obj: Any) -> Response:
+    return Response(status, dumps_json(obj) + b"\n", JSON_TYPE)
+
+
+def error_response(status: int, code: str, message: str) -> Response:
+    return json_response(status, {"error": code, "message": message})
+
+
+_STATUS_BY_CODE = {"bad_request": 400, "forbidden": 403, "too_large": 413, "unknown_channel": 404}
+
+
+def route(server: RelayServer, method: str, target: str, body: bytes) -> tuple[str, Response]:
+    """Answer one request; return the route name (for metrics) and the response."""
+    path = urlsplit(target).path
+    query = parse_qs(urlsplit(target).query, keep_blank_values=True)
+    if path == "/healthz":
+        return "healthz", _only_get(method) or Response(200, b"ok\n")
+    if path == "/readyz":
+        if (r := _only_get(method)) is not None:
+            return "readyz", r
+        if server.draining:
+            return "readyz", Response(503, b"draining\n")
+        return "readyz", Response(200, b"ready\n")
+    if path == "/metrics":
+        return "metrics", _only_get(method) or Response(
+            200, server.metrics.render(), METRICS_CONTENT_TYPE)
+    if path == "/api/publish":
+        if method != "POST":
+            return "publish", _not_allowed("POST")
+        return "publish", _publish(server, body)
+    if path.startswith(HISTORY_PREFIX) and path.endswith(HISTORY_SUFFIX):
+        if (r := _only_get(method)) is not None:
+            return "history", r
+        channel = unquote(path[len(HISTORY_PREFIX):-len(HISTORY_SUFFIX)])
+        return "history", _history(server, channel, query)
+    return "not_found", error_response(404, "not_found", f"no route for {path}")
+
+
+def _only_get(method: str) -> Response | None:
+    return None if method in ("GET", "HEAD") else _not_allowed("GET")
+
+
+def _not_allowed(allowed: str) -> Response:
+    r = error_response(405, "method_not_allowed", f"use {allowed}")
+    r.headers.append(("Allow", allowed))
+    return r
+
+
+def _publish(server: RelayServer, body: bytes) -> Response:
+    try:
+        try:
+            obj = json.loads(body, parse_constant=_reject_constant)
+        except (ValueError, RecursionError) as exc:
+            raise BadRequest(f"body is not valid JSON: {exc}") from None
+        if not isinstance(obj, dict):
+            raise BadRequest("body must be a JSON object with channel and data")
+        if "data" not in obj:
+            raise BadRequest("body needs a data field")
+        channel = validate_channel(obj.get("channel"), server.config.max_channel_length)
+    except PeerError as exc:
+        return error_response(_STATUS_BY_CODE.get(exc.code, 400), exc.code, exc.message)
+    ch, pub = server.hub.publish(channel, obj["data"], trio.current_time())
+    server.metrics.published.labels("http").inc()
+    return json_response(200, {"channel": channel, "offset": pub.offset, "epoch": ch.log.epoch})
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _int_param(query: dict[str, list[str]], name: str, minimum: int) -> int | None:
+    values = query.get(name)
+    if not values:
+        return None
+    try:
+        value = int(values[-1])
+    except ValueError:
+        raise BadRequest(f"{name} must be an integer, got {values[-1][:32]!r}") from None
+    if value < minimum:
+        raise BadRequest(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _history(server: RelayServer, channel: str, query: dict[str, list[str]]) -> Response:
+    try:
+        validate_channel(channel, server.config.max_channel_length)
+        since = _int_param(query, "since", 0)
+        limit = _int_param(query, "limit", 1)
+    except PeerError as exc:
+        return error_response(400, exc.code, exc.message)
+    found = server.hub.history(channel, trio.current_time(), since, limit)
+    if found is None:
+        return error_response(404, "unknown_channel", f"channel {channel!r} has no messages")
+    ch, pubs = found
+    return json_response(200, {
+        "channel": channel,
+        "epoch": ch.log.epoch,
+        "offset": ch.log.offset,
+        "mode": ch.options.mode,
+        "publications": [{"offset": p.offset, "data": p.data} for p in pubs],
+    })

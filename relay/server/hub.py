@@ -1,0 +1,206 @@
+"""Channels and fan-out on one node: who is subscribed where, and who gets which frame.
+
+The hub owns every channel's log (epoch, offsets, history) and members. A publish
+is encoded once per encoding that some member reads, and the same frame bytes are
+handed to the compiled fan-out, which appends them to each subscriber's bounded
+outbox; the channel's slow-consumer policy applies at the bound. The hub never
+awaits: subscribe (with its recovery) and publish are atomic with respect to each
+other, so a subscriber's recovered messages and its live ones join without a gap.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from .. import fastpath
+from ..core.codec import CODECS, Codec
+from ..core.envelope import Ref, Since
+from ..core.history import ChannelLog, Publication
+from ..errors import BadRequest
+
+if TYPE_CHECKING:
+    from ..config import ChannelOptions, Config
+    from ..metrics import Metrics
+
+_POLICIES = {
+    "disconnect": fastpath.POLICY_DISCONNECT,
+    "drop": fastpath.POLICY_DROP,
+    "conflate": fastpath.POLICY_CONFLATE,
+}
+CLOSE_SLOW_CONSUMER = 4002
+
+
+class Subscriber(Protocol):
+    """What the hub needs from a connection."""
+
+    outbox: Any
+    codec: Codec
+    subscriptions: set[str]
+
+    def wake(self) -> None: ...
+    def kick(self, code: int, reason: str) -> None: ...
+
+
+def with_ref(message: dict[str, Any], ref: Ref) -> dict[str, Any]:
+    """Return ``message`` with ``ref`` added when the request carried one."""
+    if ref is not None:
+        message["ref"] = ref
+    return message
+
+
+@dataclass(frozen=True, slots=True)
+class HubStatistics:
+    channels: int
+    subscriptions: int
+
+
+class Channel:
+    """One channel's options, log and members."""
+
+    __slots__ = ("name", "options", "policy", "log", "members", "last_active")
+
+    def __init__(self, name: str, options: ChannelOptions, epoch: str, now: float) -> None:
+        self.name = name
+        self.options = options
+        self.policy = _POLICIES[options.slow_consumer]
+        self.log = ChannelLog(epoch, options.history_size, options.history_ttl)
+        self.members = fastpath.Members()
+        self.last_active = now
+
+    def frame(self, pub: Publication, encoding: int) -> bytes:
+        """Return the frame carrying ``pub`` in ``encoding``, building it at most once."""
+        frame = pub.frames[encoding]
+        if frame is None:
+            if self.options.mode == "poke":
+                msg: dict[str, Any] = {"type": "poke", "channel": self.name, "offset": pub.offset}
+            else:
+                msg = {"type": "message", "channel": self.name, "offset": pub.offset, "data": pub.data}
+            frame = pub.frames[encoding] = CODECS[encoding].frame(msg)
+        return frame
+
+
+class Hub:
+    """Every channel of this node."""
+
+    def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
+        self._config = config
+        self._metrics = metrics
+        self._channels: dict[str, Channel] = {}
+
+    def __iter__(self) -> Iterator[Channel]:
+        return iter(self._channels.values())
+
+    def get(self, name: str) -> Channel | None:
+        return self._channels.get(name)
+
+    def channel(self, name: str, now: float) -> Channel:
+        """Return the channel ``name``, creating it (with a new epoch) when absent."""
+        ch = self._channels.get(name)
+        if ch is None:
+            ch = Channel(name, self._config.channel_options(name), secrets.token_hex(4), now)
+            self._channels[name] = ch
+        return ch
+
+    def statistics(self) -> HubStatistics:
+        return HubStatistics(
+            channels=len(self._channels),
+            subscriptions=sum(len(ch.members) for ch in self._channels.values()),
+        )
+
+    def publish(self, name: str, data: Any, now: float) -> tuple[Channel, Publication]:
+        """Append ``data`` to channel ``name`` and deliver it to every member.
+
+        Each encoding in use is serialized and framed once; members whose outbox
+        overflows under the ``disconnect`` policy are kicked with 4002.
+        """
+        ch = self.channel(name, now)
+        pub = ch.log.append(data, now)
+        ch.last_active = now
+        members = ch.members
+        if len(members):
+            frames = tuple(
+                ch.frame(pub, enc) if members.count(enc) else None
+                for enc in range(fastpath.N_ENCODINGS)
+            )
+            woken, overflowed = fastpath.fanout(members, frames, name, ch.policy, pub.offset)
+            for sub in woken:
+                sub.wake()
+            for sub in overflowed:
+                sub.kick(CLOSE_SLOW_CONSUMER, "slow consumer: send queue overflowed")
+            if self._metrics is not None:
+                self._metrics.delivered(len(members), ch.options.mode)
+                if overflowed:
+                    self._metrics.slow_consumer("disconnect", len(overflowed))
+        return ch, pub
+
+    def subscribe(self, sub: Subscriber, name: str, since: Since | None, ref: Ref, now: float) -> None:
+        """Subscribe ``sub`` to ``name``: queue ``subscribed``, then what it missed or the
+        current value, then join the live stream, all without yielding.
+
+        Raises:
+            BadRequest: ``sub`` is already subscribed to ``name``.
+        """
+        if name in sub.subscriptions:
+            raise BadRequest(f"already subscribed to {name!r}", ref=ref)
+        ch = self.channel(name, now)
+        log, mode, enc = ch.log, ch.options.mode, sub.codec.encoding
+        follow: tuple[Publication, ...] = ()
+        if mode == "state":
+            recovered = since is not None and since.epoch == log.epoch and since.offset <= log.offset
+            latest = log.latest
+            if latest is not None and not (recovered and since is not None and since.offset >= latest.offset):
+                follow = (latest,)
+        elif since is None:
+            recovered = False
+        else:
+            rec = log.recover(since.epoch, since.offset, now)
+            recovered, follow = rec.recovered, rec.publications
+            if mode == "poke" and follow:
+                follow = (follow[-1],)
+        if since is not None and self._metrics is not None:
+            self._metrics.recovery(recovered)
+        out = sub.outbox
+        out.put(sub.codec.frame(with_ref({
+            "type": "subscribed", "channel": name, "epoch": log.epoch,
+            "offset": log.offset, "recovered": recovered,
+        }, ref)))
+        for pub in follow:
+            out.put(ch.frame(pub, enc))
+        ch.members.add(out)
+        sub.subscriptions.add(name)
+        sub.wake()
+
+    def unsubscribe(self, sub: Subscriber, name: str, now: float) -> None:
+        """Remove ``sub`` from ``name`` (a no-op when it was not subscribed)."""
+        if name not in sub.subscriptions:
+            return
+        sub.subscriptions.discard(name)
+        ch = self._channels.get(name)
+        if ch is not None:
+            ch.members.remove(sub.outbox)
+            ch.last_active = now
+
+    def disconnect(self, sub: Subscriber, now: float) -> None:
+        """Remove ``sub`` from every channel it is in."""
+        for name in list(sub.subscriptions):
+            self.unsubscribe(sub, name, now)
+
+    def history(self, name: str, now: float, since: int | None, limit: int | None) -> tuple[Channel, list[Publication]] | None:
+        """Return the channel and its retained publications, or None for an unknown channel."""
+        ch = self._channels.get(name)
+        if ch is None:
+            return None
+        return ch, ch.log.history(now, since, limit)
+
+    def sweep(self, now: float) -> int:
+        """Forget channels with no members whose history has expired; return how many."""
+        dead = [
+            name for name, ch in self._channels.items()
+            if not len(ch.members) and ch.log.is_expired(now, ch.last_active)
+        ]
+        for name in dead:
+            del self._channels[name]
+        return len(dead)

@@ -1,0 +1,229 @@
+"""One WebSocket connection: its reader, writer and heartbeat tasks, and its send queue.
+
+The reader decodes each client message and hands it to the hub (synchronously);
+every answer and every delivery goes into the connection's bounded
+:class:`~relay.fastpath.Outbox`, which the writer task drains, writing many frames
+with one ``send_all``. Frames are pre-encoded, so the writer bypasses
+trio-websocket's per-message framing and writes them under its stream lock (the
+same lock trio-websocket's own sends take, so pings, pongs and close frames never
+interleave inside one of ours).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from typing import TYPE_CHECKING, Any
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection
+from wsproto.connection import ConnectionState
+
+from .. import fastpath
+from ..core import envelope
+from ..core.codec import Codec, check_json_compatible
+from ..errors import BadRequest, Forbidden, PeerError
+from .hub import with_ref
+
+if TYPE_CHECKING:
+    from .app import RelayServer
+
+log = logging.getLogger("relay.connection")
+
+CLOSE_GOING_AWAY = 1001
+CLOSE_INTERNAL_ERROR = 1011
+#: How long an in-flight write may go on after the connection was told to close,
+#: and how long the close handshake may take, before the TCP connection is dropped.
+CLOSE_GRACE_SECONDS = 2.0
+
+
+class Connection:
+    """A client connected over WebSocket; owns its reader, writer and heartbeat tasks."""
+
+    def __init__(self, server: RelayServer, ws: WebSocketConnection, codec: Codec, remote: str) -> None:
+        cfg = server.config
+        self.server = server
+        self.ws = ws
+        self.codec = codec
+        self.remote = remote
+        self.id = secrets.token_hex(8)
+        self.outbox = fastpath.Outbox(cfg.send_queue_size, codec.encoding, self)
+        self.subscriptions: set[str] = set()
+        self.started_at = time.time()
+        self.last_activity = trio.current_time()
+        self._lot = trio.lowlevel.ParkingLot()
+        self._close: tuple[int, str] | None = None
+        self._peer_gone = False
+        self._send_scope: trio.CancelScope | None = None
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.id} {self.remote} {self.codec.name}>"
+
+    # -- called by the hub and the server (synchronous) --------------------------------
+
+    def wake(self) -> None:
+        """Wake the writer: the outbox has something to send."""
+        self._lot.unpark_all()
+
+    def kick(self, code: int, reason: str) -> None:
+        """Close this connection with ``code``: the writer flushes what is queued, then closes.
+
+        A write already in progress gets ``CLOSE_GRACE_SECONDS`` to finish.
+        """
+        if self._close is None:
+            self._close = (code, reason)
+            if self._send_scope is not None:
+                self._send_scope.deadline = min(
+                    self._send_scope.deadline, trio.current_time() + CLOSE_GRACE_SECONDS
+                )
+        self._lot.unpark_all()
+
+    def send(self, message: dict[str, Any]) -> None:
+        """Queue a direct answer (never dropped by the slow-consumer policy)."""
+        self.outbox.put(self.codec.frame(message))
+        self._lot.unpark_all()
+
+    def send_error(self, code: str, message: str, ref: envelope.Ref = None) -> None:
+        self.server.metrics.errors.labels(code).inc()
+        self.send(with_ref({"type": "error", "code": code, "message": message}, ref))
+
+    # -- tasks ---------------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        """Run until the peer leaves or the connection is closed; cancel-safe."""
+        cfg = self.server.config
+        self.send({
+            "type": "welcome", "session": self.id, "node": self.server.node_id,
+            "heartbeat": cfg.heartbeat,
+        })
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._reader)
+                nursery.start_soon(self._heartbeat)
+                await self._writer()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.server.hub.disconnect(self, trio.current_time())
+
+    async def _writer(self) -> None:
+        outbox, ws = self.outbox, self.ws
+        while True:
+            while not outbox.pending and self._close is None and not self._peer_gone:
+                await self._lot.park()
+            if self._peer_gone:
+                return
+            if outbox.pending:
+                data = outbox.take()
+                gaps = outbox.take_gaps()
+                if gaps:
+                    frame = self.codec.frame
+                    data += b"".join(
+                        frame({"type": "gap", "channel": ch, "from": lo, "to": hi})
+                        for ch, lo, hi in gaps
+                    )
+                    self.server.metrics.slow_consumer("drop", len(gaps))
+                if data and not await self._write(data):
+                    return
+                continue
+            code, reason = self._close  # type: ignore[misc]
+            with trio.move_on_after(CLOSE_GRACE_SECONDS):
+                await ws.aclose(code, reason)
+            return
+
+    async def _write(self, data: bytes) -> bool:
+        """Write pre-encoded frames; return False when the connection is gone."""
+        ws = self.ws
+        with trio.CancelScope() as scope:
+            self._send_scope = scope
+            if self._close is not None:
+                scope.deadline = trio.current_time() + CLOSE_GRACE_SECONDS
+            async with ws._stream_lock:
+                if ws.closed is not None or ws._wsproto.state is not ConnectionState.OPEN:
+                    return False
+                try:
+                    await ws._stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    # The peer went away mid-write; the reader sees the closure too.
+                    return False
+        self._send_scope = None
+        if scope.cancelled_caught:
+            # A write cut short leaves half a frame on the wire: no close frame can follow.
+            log.info("connection %s: dropped after a stalled write during close", self.id)
+            await trio.aclose_forcefully(ws._stream)
+            return False
+        self.server.metrics.bytes_out.inc(len(data))
+        return True
+
+    async def _reader(self) -> None:
+        ws = self.ws
+        try:
+            while True:
+                raw = await ws.get_message()
+                self.last_activity = trio.current_time()
+                self.handle(raw)
+        except ConnectionClosed:
+            pass  # the peer closed, or we did; the writer ends too
+        finally:
+            self._peer_gone = self._close is None
+            self._lot.unpark_all()
+
+    async def _heartbeat(self) -> None:
+        cfg = self.server.config
+        while True:
+            await trio.sleep(cfg.heartbeat)
+            with trio.move_on_after(cfg.heartbeat_timeout) as scope:
+                try:
+                    await self.ws.ping()
+                except ConnectionClosed:
+                    return
+            if scope.cancelled_caught:
+                log.info("connection %s: no pong within %ss, closing", self.id, cfg.heartbeat_timeout)
+                self.kick(CLOSE_INTERNAL_ERROR, "heartbeat timeout")
+                return
+
+    # -- protocol ------------------------------------------------------------------------
+
+    def handle(self, raw: str | bytes) -> None:
+        """Handle one client message; a bad one gets an ``error`` and the connection stays."""
+        metrics = self.server.metrics
+        try:
+            env = envelope.parse(
+                self.codec.decode(raw), max_channel_length=self.server.config.max_channel_length
+            )
+            metrics.messages_in.labels(type(env).__name__.lower()).inc()
+            self.dispatch(env)
+        except PeerError as exc:
+            metrics.messages_in.labels("invalid").inc()
+            self.send_error(exc.code, exc.message, exc.ref)
+
+    def dispatch(self, env: envelope.Envelope) -> None:
+        server, now = self.server, trio.current_time()
+        if isinstance(env, envelope.Publish):
+            ch_opts = server.config.channel_options(env.channel)
+            if not ch_opts.client_publish:
+                raise Forbidden(
+                    f"clients may not publish to {env.channel!r}; its channel pattern "
+                    f"{ch_opts.pattern!r} has client_publish = false", ref=env.ref)
+            if self.codec.name != "json":
+                try:
+                    check_json_compatible(env.data)
+                except PeerError as exc:
+                    exc.ref = env.ref
+                    raise
+            ch, pub = server.hub.publish(env.channel, env.data, now)
+            server.metrics.published.labels("websocket").inc()
+            if env.ref is not None:
+                self.send({"type": "ack", "ref": env.ref, "channel": env.channel,
+                           "offset": pub.offset, "epoch": ch.log.epoch})
+        elif isinstance(env, envelope.Subscribe):
+            server.hub.subscribe(self, env.channel, env.since, env.ref, now)
+        elif isinstance(env, envelope.Unsubscribe):
+            server.hub.unsubscribe(self, env.channel, now)
+            self.send(with_ref({"type": "unsubscribed", "channel": env.channel}, env.ref))
+        elif isinstance(env, envelope.Ping):
+            self.send(with_ref({"type": "pong"}, env.ref))
+        elif isinstance(env, envelope.Refresh):
+            raise BadRequest(
+                "token refresh is not available: this server has no authentication configured",
+                ref=env.ref)
