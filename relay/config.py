@@ -1,0 +1,519 @@
+"""Server configuration: the :class:`Config` dataclass and how it is loaded.
+
+:func:`load_config` merges four layers, highest first: flags (the command line), the
+environment (``RELAY_<FIELD>``), a TOML file, and the defaults written on the dataclasses.
+Every value is checked as it is read, so a :class:`~relay.errors.ConfigError` names the key,
+where the value came from (``file relay.toml``, ``environment variable RELAY_PORT``,
+``flag --port``), the value and what is allowed.
+
+This module is pure: it reads one file when asked to and nothing else; no trio, no sockets,
+no clock. ``docs/configuration.md`` is the user-facing reference and must stay true to it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import re
+import secrets
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from fnmatch import fnmatchcase
+from typing import Any
+
+from .errors import ConfigError
+
+MODES = ("stream", "state", "poke")
+SLOW_CONSUMER_POLICIES = ("disconnect", "drop", "conflate")
+DEFAULT_SLOW_CONSUMER = {"stream": "disconnect", "state": "conflate", "poke": "conflate"}
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+ENV_PREFIX = "RELAY_"
+CONFIG_PATH_ENV = "RELAY_CONFIG"
+CHANNELS_ENV = "RELAY_CHANNELS"
+
+MAX_PORT = 65535
+MAX_MESSAGE_SIZE_BYTES = 16 * 1024 * 1024
+MAX_CHANNEL_LENGTH_LIMIT = 1024
+CHANNEL_CACHE_ENTRIES = 10_000
+
+_NODE_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+@dataclass(frozen=True)
+class ChannelOptions:
+    """How channels whose name matches ``pattern`` behave.
+
+    ``slow_consumer`` defaults to ``DEFAULT_SLOW_CONSUMER[mode]`` when a table read by
+    :func:`load_config` omits it; built directly, the dataclass default is ``"disconnect"``.
+    """
+
+    pattern: str = "*"
+    mode: str = "stream"
+    history_size: int = 100
+    history_ttl: float = 300.0
+    client_publish: bool = True
+    slow_consumer: str = "disconnect"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The server's settings. Build it with :func:`load_config`, which validates every field.
+
+    Constructing it directly (tests, embedding) skips validation.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8765
+    node_id: str = ""
+    log_level: str = "info"
+    heartbeat: float = 25.0
+    heartbeat_timeout: float = 10.0
+    handshake_timeout: float = 5.0
+    http_idle_timeout: float = 30.0
+    max_message_size: int = 65536
+    send_queue_size: int = 1048576
+    max_channel_length: int = 255
+    drain_timeout: float = 10.0
+    drain_window: float = 5.0
+    channels: tuple[ChannelOptions, ...] = ()
+    _channel_cache: dict[str, ChannelOptions] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
+
+    def channel_options(self, channel: str) -> ChannelOptions:
+        """Return the options of the first ``[[channels]]`` table whose pattern matches.
+
+        Patterns are matched case-sensitively with :func:`fnmatch.fnmatchcase`. A channel
+        no pattern matches gets ``ChannelOptions()``. Results are cached because this is
+        called for every new channel; the cache is cleared when it grows past
+        ``CHANNEL_CACHE_ENTRIES`` so it stays bounded.
+
+        Args:
+            channel: the channel name.
+
+        Returns:
+            The matching :class:`ChannelOptions`.
+        """
+        cache = self._channel_cache
+        found = cache.get(channel)
+        if found is not None:
+            return found
+        found = _DEFAULT_CHANNEL
+        for options in self.channels:
+            if fnmatchcase(channel, options.pattern):
+                found = options
+                break
+        if len(cache) >= CHANNEL_CACHE_ENTRIES:
+            cache.clear()
+        cache[channel] = found
+        return found
+
+
+_DEFAULT_CHANNEL = ChannelOptions()
+
+
+def generate_node_id() -> str:
+    """Return a fresh random node id: ``"n"`` and 6 hex digits, e.g. ``"n3fa9c1"``."""
+    return "n" + secrets.token_hex(3)
+
+
+def effective_node_id(cfg: Config) -> str:
+    """Return ``cfg.node_id``, or a freshly generated one when it is empty.
+
+    Call it once at start and keep the answer: each call with an empty ``node_id``
+    generates a different id.
+    """
+    return cfg.node_id or generate_node_id()
+
+
+# --------------------------------------------------------------------------- field specs
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """What one key accepts: its Python type, a range check and how to say what is allowed."""
+
+    kind: type
+    expected: str
+    check: Callable[[Any], bool] = lambda value: True
+    normalize: Callable[[Any], Any] = lambda value: value
+
+
+def _int_range(low: int, high: int | None = None) -> _Spec:
+    if high is None:
+        return _Spec(int, f"an integer >= {low}", lambda v: v >= low)
+    return _Spec(int, f"an integer from {low} to {high}", lambda v: low <= v <= high)
+
+
+def _positive_seconds() -> _Spec:
+    return _Spec(float, "a number of seconds > 0", lambda v: v > 0)
+
+
+def _non_negative_seconds() -> _Spec:
+    return _Spec(float, "a number of seconds >= 0", lambda v: v >= 0)
+
+
+def _one_of(choices: Sequence[str], *, fold_case: bool = False) -> _Spec:
+    expected = "one of " + ", ".join(choices)
+    if fold_case:
+        return _Spec(str, expected, lambda v: v.lower() in choices, lambda v: v.lower())
+    return _Spec(str, expected, lambda v: v in choices)
+
+
+_CONFIG_SPECS: dict[str, _Spec] = {
+    "host": _Spec(str, "a non-empty host name or IP address", lambda v: v.strip() != "" and v == v.strip()),
+    "port": _int_range(0, MAX_PORT),
+    "node_id": _Spec(
+        str,
+        "an empty string (generate one at start) or 1 to 64 characters of A-Z a-z 0-9 . _ -",
+        lambda v: v == "" or _NODE_ID_RE.fullmatch(v) is not None,
+    ),
+    "log_level": _one_of(LOG_LEVELS, fold_case=True),
+    "heartbeat": _positive_seconds(),
+    "heartbeat_timeout": _positive_seconds(),
+    "handshake_timeout": _positive_seconds(),
+    "http_idle_timeout": _positive_seconds(),
+    "max_message_size": _int_range(1, MAX_MESSAGE_SIZE_BYTES),
+    "send_queue_size": _int_range(1),
+    "max_channel_length": _int_range(1, MAX_CHANNEL_LENGTH_LIMIT),
+    "drain_timeout": _non_negative_seconds(),
+    "drain_window": _non_negative_seconds(),
+}
+
+_CHANNEL_SPECS: dict[str, _Spec] = {
+    "pattern": _Spec(str, "a glob such as 'chat.*'"),  # checked further by _pattern_problem
+    "mode": _one_of(MODES),
+    "history_size": _int_range(0),
+    "history_ttl": _positive_seconds(),
+    "client_publish": _Spec(bool, "true or false"),
+    "slow_consumer": _one_of(SLOW_CONSUMER_POLICIES),
+}
+
+CONFIG_KEYS: tuple[str, ...] = tuple(f.name for f in fields(Config) if f.init)
+CHANNEL_KEYS: tuple[str, ...] = tuple(f.name for f in fields(ChannelOptions))
+
+assert set(CONFIG_KEYS) == set(_CONFIG_SPECS) | {"channels"}
+assert set(CHANNEL_KEYS) == set(_CHANNEL_SPECS)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _show(value: object) -> str:
+    """Render a bad value the way the user wrote it (TOML/JSON spelling for booleans)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    text = repr(value)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return text
+
+
+def _not_allowed(source: str, key: str, value: object, expected: str) -> ConfigError:
+    return ConfigError(
+        f"{source}: {key} = {_show(value)} is not allowed; expected {expected}",
+        key=key,
+        source=source,
+    )
+
+
+def _unknown_key(source: str, where: str, key: str, allowed: Sequence[str]) -> ConfigError:
+    full_key = f"{where}.{key}" if where else key
+    hint = ""
+    close = difflib.get_close_matches(key, allowed, n=1)
+    if close:
+        hint = f" (did you mean {close[0]!r}?)"
+    place = f" in {where}" if where else ""
+    return ConfigError(
+        f"{source}: unknown key {key!r}{place}{hint}; allowed keys: {', '.join(allowed)}",
+        key=full_key,
+        source=source,
+    )
+
+
+# --------------------------------------------------------------------------- value checks
+
+
+def _coerce(spec: _Spec, value: object, *, source: str, key: str, from_text: bool) -> Any:
+    """Turn one raw value into the field's type and check it, or raise ConfigError.
+
+    ``from_text`` values (environment variables, string flags) are parsed from strings;
+    others (TOML, JSON, typed flags) must already have the right type. ``bool`` is refused
+    where a number is expected even though it is an ``int`` subclass.
+    """
+    result: Any
+    if spec.kind is str:
+        if not isinstance(value, str):
+            raise _not_allowed(source, key, value, spec.expected)
+        result = value
+    elif spec.kind is bool:
+        if isinstance(value, bool):
+            result = value
+        else:
+            raise _not_allowed(source, key, value, spec.expected)
+    elif spec.kind is int:
+        if from_text and isinstance(value, str):
+            try:
+                result = int(value.strip())
+            except ValueError:
+                raise _not_allowed(source, key, value, spec.expected) from None
+        elif isinstance(value, int) and not isinstance(value, bool):
+            result = value
+        else:
+            raise _not_allowed(source, key, value, spec.expected)
+    elif spec.kind is float:
+        if from_text and isinstance(value, str):
+            try:
+                result = float(value.strip())
+            except ValueError:
+                raise _not_allowed(source, key, value, spec.expected) from None
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            result = float(value)
+        else:
+            raise _not_allowed(source, key, value, spec.expected)
+        if not math.isfinite(result):
+            raise _not_allowed(source, key, value, spec.expected)
+    else:  # pragma: no cover - the spec tables only use the four kinds above
+        raise TypeError(f"unsupported kind {spec.kind!r}")
+    if not spec.check(result):
+        raise _not_allowed(source, key, value, spec.expected)
+    return spec.normalize(result)
+
+
+def _pattern_problem(pattern: str) -> str | None:
+    """Say why ``pattern`` is not a usable glob, or return None when it is fine."""
+    if pattern == "":
+        return "it is empty"
+    if any(not ch.isprintable() for ch in pattern):
+        return "it contains a control character"
+    i = 0
+    while i < len(pattern):
+        if pattern[i] == "[":
+            # A "]" right after "[" or "[!" is a literal member of the set (fnmatch rules).
+            j = i + 1
+            if j < len(pattern) and pattern[j] == "!":
+                j += 1
+            if j < len(pattern) and pattern[j] == "]":
+                j += 1
+            end = pattern.find("]", j)
+            if end < 0:
+                return f"the '[' at position {i} is never closed"
+            i = end + 1
+        else:
+            i += 1
+    return None
+
+
+_PATTERN_EXPECTED = (
+    "a non-empty glob over channel names: * matches anything, ? one character, [abc] / [!abc] a set (every '[' closed)"
+)
+
+
+def _parse_channel(raw: object, index: int, source: str) -> ChannelOptions:
+    where = f"channels[{index}]"
+    if not isinstance(raw, dict):
+        raise _not_allowed(source, where, raw, f"a table with the keys {', '.join(CHANNEL_KEYS)}")
+    for key in raw:
+        if key not in _CHANNEL_SPECS:
+            raise _unknown_key(source, where, str(key), CHANNEL_KEYS)
+    if "pattern" not in raw:
+        raise ConfigError(
+            f"{source}: {where}.pattern is missing; every channel table needs a pattern, a glob such as 'chat.*'",
+            key=f"{where}.pattern",
+            source=source,
+        )
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        values[key] = _coerce(_CHANNEL_SPECS[key], value, source=source, key=f"{where}.{key}", from_text=False)
+    problem = _pattern_problem(values["pattern"])
+    if problem is not None:
+        raise _not_allowed(source, f"{where}.pattern", values["pattern"], f"{_PATTERN_EXPECTED}; {problem}")
+    if "slow_consumer" not in values:
+        values["slow_consumer"] = DEFAULT_SLOW_CONSUMER[values.get("mode", "stream")]
+    return ChannelOptions(**values)
+
+
+def _parse_channels(raw: object, source: str) -> tuple[ChannelOptions, ...]:
+    if not isinstance(raw, (list, tuple)):
+        raise _not_allowed(
+            source, "channels", raw, "an array of channel tables ([[channels]] in TOML, a JSON array in RELAY_CHANNELS)"
+        )
+    result = tuple(_parse_channel(item, i, source) for i, item in enumerate(raw))
+    first_index: dict[str, int] = {}
+    for i, options in enumerate(result):
+        earlier = first_index.setdefault(options.pattern, i)
+        if earlier != i:
+            raise _not_allowed(
+                source,
+                f"channels[{i}].pattern",
+                options.pattern,
+                f"a pattern not already used by channels[{earlier}] "
+                "(the first match wins, so this table would never apply)",
+            )
+    return result
+
+
+# --------------------------------------------------------------------------- layers
+
+# One layer: field name -> (checked value, source description).
+_Layer = dict[str, tuple[Any, str]]
+
+
+def _read_file(path: str, *, named_by_env: bool) -> dict[str, Any]:
+    source = f"file {path}"
+    origin = f" (named by environment variable {CONFIG_PATH_ENV})" if named_by_env else ""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ConfigError(f"{source}{origin}: cannot read the config file: {reason}", source=source) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: invalid TOML: {exc}", source=source) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: invalid TOML: the file is not UTF-8 ({exc.reason})", source=source) from exc
+
+
+def _file_layer(path: str, *, named_by_env: bool) -> _Layer:
+    source = f"file {path}"
+    data = _read_file(path, named_by_env=named_by_env)
+    layer: _Layer = {}
+    for key, value in data.items():
+        if key == "channels":
+            layer[key] = (_parse_channels(value, source), source)
+        elif key in _CONFIG_SPECS:
+            layer[key] = (_coerce(_CONFIG_SPECS[key], value, source=source, key=key, from_text=False), source)
+        else:
+            raise _unknown_key(source, "", key, CONFIG_KEYS)
+    return layer
+
+
+def _env_layer(env: Mapping[str, str]) -> _Layer:
+    layer: _Layer = {}
+    for key in CONFIG_KEYS:
+        name = ENV_PREFIX + key.upper()
+        if name not in env:
+            continue
+        source = f"environment variable {name}"
+        text = env[name]
+        if key == "channels":
+            try:
+                raw = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(
+                    f"{source}: invalid JSON: {exc}; expected a JSON array of channel tables, "
+                    'e.g. [{"pattern": "chat.*", "mode": "stream"}]',
+                    key="channels",
+                    source=source,
+                ) from exc
+            layer[key] = (_parse_channels(raw, source), source)
+        else:
+            layer[key] = (_coerce(_CONFIG_SPECS[key], text, source=source, key=key, from_text=True), source)
+    return layer
+
+
+def _flag_layer(flags: Mapping[str, object]) -> _Layer:
+    layer: _Layer = {}
+    for key, value in flags.items():
+        if value is None:
+            continue
+        source = f"flag --{key.replace('_', '-')}"
+        if key == "channels":
+            layer[key] = (_parse_channels(value, source), source)
+        elif key in _CONFIG_SPECS:
+            spec = _CONFIG_SPECS[key]
+            from_text = isinstance(value, str) and spec.kind is not str
+            layer[key] = (_coerce(spec, value, source=source, key=key, from_text=from_text), source)
+        else:
+            raise _unknown_key(source, "", key, CONFIG_KEYS)
+    return layer
+
+
+def _check_send_queue(merged: _Layer) -> None:
+    """Check send_queue_size >= 2 * max_message_size, blaming whichever was set by the user.
+
+    A send queue must hold at least two of the largest messages, or one big message could
+    trip the slow-consumer policy on its own.
+    """
+    max_message, message_source = merged.get("max_message_size", (Config.max_message_size, "default"))
+    queue, queue_source = merged.get("send_queue_size", (Config.send_queue_size, "default"))
+    if queue >= 2 * max_message:
+        return
+    if queue_source != "default":
+        raise ConfigError(
+            f"{queue_source}: send_queue_size = {queue} is not allowed; expected at least "
+            f"2 * max_message_size = {2 * max_message} (max_message_size = {max_message} "
+            f"from {message_source})",
+            key="send_queue_size",
+            source=queue_source,
+        )
+    raise ConfigError(
+        f"{message_source}: max_message_size = {max_message} is not allowed; expected at most "
+        f"send_queue_size / 2 = {queue // 2} (send_queue_size = {queue} from default); "
+        "raise send_queue_size as well",
+        key="max_message_size",
+        source=message_source,
+    )
+
+
+def load_config(
+    path: str | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, object] | None = None,
+) -> Config:
+    """Build a validated :class:`Config` from flags, environment, a TOML file and defaults.
+
+    Flags beat the environment, which beats the file, which beats the defaults; each key
+    is decided on its own (``channels`` as a whole list). Every layer is checked in full,
+    even values a higher layer overrides.
+
+    Args:
+        path: TOML file to read; when None, ``env["RELAY_CONFIG"]`` is used if present.
+        env: environment variables (typically ``os.environ``); only ``RELAY_<FIELD>`` names
+            of known fields are read, other ``RELAY_*`` names are ignored.
+        flags: field name -> value from the command line; None values mean "not given".
+            String values for numeric fields are parsed as in the environment.
+
+    Returns:
+        The merged configuration.
+
+    Raises:
+        ConfigError: a value, key or file is invalid; the message names the key, the
+            source, the value and what is allowed, and ``key``/``source`` are set.
+    """
+    env = {} if env is None else env
+    named_by_env = False
+    if path is None and CONFIG_PATH_ENV in env:
+        path = env[CONFIG_PATH_ENV]
+        named_by_env = True
+    layers: list[_Layer] = []
+    if path is not None:
+        layers.append(_file_layer(path, named_by_env=named_by_env))
+    layers.append(_env_layer(env))
+    if flags is not None:
+        layers.append(_flag_layer(flags))
+
+    merged: _Layer = {}
+    for layer in layers:  # lowest first, so later layers win
+        merged.update(layer)
+
+    _check_send_queue(merged)
+    return Config(**{key: value for key, (value, _source) in merged.items()})
+
+
+__all__ = [
+    "CHANNEL_KEYS",
+    "CONFIG_KEYS",
+    "DEFAULT_SLOW_CONSUMER",
+    "LOG_LEVELS",
+    "MODES",
+    "SLOW_CONSUMER_POLICIES",
+    "ChannelOptions",
+    "Config",
+    "effective_node_id",
+    "generate_node_id",
+    "load_config",
+]
