@@ -14,7 +14,7 @@ import pytest
 from relay import fastpath
 from relay._version import __version__
 from relay.cli import main
-from relay.config import ChannelOptions, Config, load_config
+from relay.config import CONFIG_KEYS, ChannelOptions, Config, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Keep the caller's RELAY_* settings out of these tests (RELAY_PURE_PYTHON may stay)."""
-    for name in ("RELAY_CONFIG", "RELAY_PORT", "RELAY_HOST", "RELAY_LOG_LEVEL", "RELAY_NODE_ID", "RELAY_CHANNELS"):
+    for name in ["RELAY_CONFIG", *("RELAY_" + key.upper() for key in CONFIG_KEYS)]:
         monkeypatch.delenv(name, raising=False)
 
 
