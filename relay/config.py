@@ -46,8 +46,8 @@ _NODE_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 class ChannelOptions:
     """How channels whose name matches ``pattern`` behave.
 
-    ``slow_consumer`` defaults to ``DEFAULT_SLOW_CONSUMER[mode]`` when a table read by
-    :func:`load_config` omits it; built directly, the dataclass default is ``"disconnect"``.
+    ``slow_consumer`` defaults to ``DEFAULT_SLOW_CONSUMER[mode]`` when omitted (or
+    given as ``""``), whether read by :func:`load_config` or built directly.
     """
 
     pattern: str = "*"
@@ -55,7 +55,12 @@ class ChannelOptions:
     history_size: int = 100
     history_ttl: float = 300.0
     client_publish: bool = True
-    slow_consumer: str = "disconnect"
+    slow_consumer: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.slow_consumer:
+            object.__setattr__(
+                self, "slow_consumer", DEFAULT_SLOW_CONSUMER.get(self.mode, "disconnect"))
 
 
 @dataclass(frozen=True)
