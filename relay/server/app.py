@@ -39,7 +39,6 @@ class RelayServer:
         self.hub = Hub(config, self.metrics)
         self.metrics.bind_channels(lambda: self.hub.statistics().channels)
         self.connections: dict[str, Connection] = {}
-        self.idle_http: set[trio.CancelScope] = set()
         self.draining = False
         self.port: int = 0
         self._nursery: trio.Nursery | None = None
@@ -100,6 +99,9 @@ class RelayServer:
     async def drain(self) -> None:
         """Stop accepting, close every client with 1001 and a reconnect hint, then stop.
 
+        From the start of the drain ``/readyz`` answers 503, and plain-HTTP keep-alive
+        connections get ``Connection: close`` on their next response.
+
         Each client's close reason is ``{"reconnect_after_ms": N}`` with N spread
         uniformly over ``drain_window`` so reconnections do not arrive all at once.
         Waits up to ``drain_timeout`` for the clients to go, then cancels whatever
@@ -111,8 +113,6 @@ class RelayServer:
         self.draining = True
         self.metrics.draining.set(1)
         self._listen_scope.cancel()
-        for scope in list(self.idle_http):
-            scope.cancel()
         window_ms = cfg.drain_window * 1000.0
         conns = list(self.connections.values())
         log.info("draining: closing %d connection(s) with 1001 over a %.1fs window",

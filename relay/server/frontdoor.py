@@ -144,8 +144,6 @@ async def _serve(server: RelayServer, stream: trio.SocketStream, peer: str) -> N
     while True:
         timeout = cfg.handshake_timeout if first else cfg.http_idle_timeout
         with trio.move_on_after(timeout) as scope:
-            if not first:
-                server.idle_http.add(scope)
             try:
                 event = await reader.next_event()
                 if not isinstance(event, h11.Request):
@@ -158,7 +156,6 @@ async def _serve(server: RelayServer, stream: trio.SocketStream, peer: str) -> N
                     scope.deadline = trio.current_time() + cfg.handshake_timeout
                     await _upgrade(server, reader, event, peer, scope)
                     return
-                server.idle_http.discard(scope)
                 scope.deadline = trio.current_time() + cfg.handshake_timeout
                 reader.keep_raw = False
                 method = event.method.decode("ascii", "replace")
@@ -170,8 +167,6 @@ async def _serve(server: RelayServer, stream: trio.SocketStream, peer: str) -> N
                     with trio.move_on_after(1):
                         await _send(reader, http_api.error_response(status, "bad_request", str(exc)), close=True)
                 return
-            finally:
-                server.idle_http.discard(scope)
         if scope.cancelled_caught:
             if first or reader.h11.their_state is not h11.IDLE:
                 log.debug("dropped %s: no complete request within %ss", peer, timeout)
@@ -215,6 +210,7 @@ async def _upgrade(server: RelayServer, reader: _Reader, request: h11.Request, p
         handshake.deadline = float("inf")
         conn = Connection(server, ws, codec_of(ws), peer)
         server.add_connection(conn)
+        log.debug("connection %s from %s: open (%s)", conn.id, peer, conn.codec.name)
         try:
             await conn.serve()
         except Exception:
@@ -225,6 +221,9 @@ async def _upgrade(server: RelayServer, reader: _Reader, request: h11.Request, p
             server.remove_connection(conn)
             with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_GRACE_SECONDS):
                 await ws.aclose()
+            reason = ws.closed
+            log.debug("connection %s: closed (%s)", conn.id,
+                      f"{reason.code} {reason.reason or ''}".strip() if reason else "no close frame")
             nursery.cancel_scope.cancel()
 
 
