@@ -291,8 +291,14 @@ def fanout(
         overflowed under ``POLICY_DISCONNECT`` (they must be closed with 4002).
 
     Raises:
-        ValueError: a member's encoding has no frame.
+        ValueError: a member's encoding has no frame. Checked before any member
+            is offered the message, so an error leaves every outbox untouched
+            (otherwise owners already woken or overflowed would never be reported).
     """
+    counts = members._counts
+    for enc in range(N_ENCODINGS):
+        if counts[enc] and frames[enc] is None:
+            raise ValueError(f"no frame for encoding {enc}")
     woken: list[Any] = []
     overflowed: list[Any] = []
     for box in members._items:
