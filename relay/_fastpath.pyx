@@ -1,0 +1,552 @@
+# cython: language_level=3, binding=True, embedsignature=True, embedsignature.format=clinic
+# cython: boundscheck=True, wraparound=True, initializedcheck=True, cdivision=False, auto_pickle=False
+"""Compiled twin of ``relay._fastpath_py``: framing, outboxes, membership, fan-out.
+
+``relay/_fastpath_py.py`` is the reference: this module has the same names,
+signatures, defaults, results, exceptions and messages, and the differential tests
+(``tests/test_fastpath_differential.py``) feed both the same inputs. Change both in
+the same commit. Import it through :mod:`relay.fastpath`, never directly (tests and
+benchmarks excepted).
+
+Layout: exact ``int`` arguments that fit a C ``long long`` take the typed fast path;
+anything else (huge ints, bools, int-likes) goes through a generic path written like
+the twin, so odd inputs fail the same way in both implementations. Known, accepted
+differences, all outside the typed contract in ``_fastpath.pyi``: ``Outbox`` and
+``Members`` cannot be subclassed or pickled; ``Outbox.encoding`` is read-only; a
+non-integer ``limit`` or ``encoding`` raises TypeError here at construction;
+``Members.add`` and ``fanout`` take only this module's ``Outbox`` and ``Members``.
+"""
+
+cimport cython
+from cpython.bytes cimport (
+    PyBytes_AS_STRING,
+    PyBytes_CheckExact,
+    PyBytes_FromStringAndSize,
+    PyBytes_GET_SIZE,
+)
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_CheckExact
+from libc.string cimport memcpy
+
+
+cdef extern from "Python.h":
+    const Py_ssize_t PY_SSIZE_T_MAX
+    const Py_ssize_t PY_SSIZE_T_MIN
+
+
+IMPLEMENTATION = "cython"
+
+# WebSocket opcodes (RFC 6455 section 5.2).
+OP_CONTINUATION = 0x0
+OP_TEXT = 0x1
+OP_BINARY = 0x2
+OP_CLOSE = 0x8
+OP_PING = 0x9
+OP_PONG = 0xA
+
+# Encodings a subscriber may use; index into the ``frames`` tuple of fanout().
+ENC_JSON = 0
+ENC_MSGPACK = 1
+N_ENCODINGS = 2
+
+# Slow-consumer policies.
+POLICY_DISCONNECT = 0
+POLICY_DROP = 1
+POLICY_CONFLATE = 2
+
+# Results of Outbox.offer().
+OFFER_QUEUED = 0
+OFFER_DROPPED = 1
+OFFER_CONFLATED = 2
+OFFER_OVERFLOW = 3
+OFFER_CLOSED = 4
+
+MAX_CONTROL_PAYLOAD = 125
+_DATA_OPCODES = (OP_CONTINUATION, OP_TEXT, OP_BINARY)
+_CONTROL_OPCODES = (OP_CLOSE, OP_PING, OP_PONG)
+
+# The same values for C code; the module globals above are what Python sees.
+cdef enum:
+    _OP_BINARY = 0x2
+    _OP_CLOSE = 0x8
+    _OP_PONG = 0xA
+    _MAX_CONTROL = 125
+    _N_ENC = 2
+    _POL_DISCONNECT = 0
+    _POL_DROP = 1
+    _POL_CONFLATE = 2
+    _POL_UNKNOWN = -1
+    _POL_UNDECODED = -3
+    _RES_QUEUED = 0
+    _RES_DROPPED = 1
+    _RES_CONFLATED = 2
+    _RES_OVERFLOW = 3
+    _RES_CLOSED = 4
+
+
+# ---------------------------------------------------------------------------
+# small helpers
+
+
+cdef inline bint _small_int(object value, long long* out) except -1:
+    """Store ``value`` in ``out`` when it is an exact int that fits a long long."""
+    cdef int overflow = 0
+    if not PyLong_CheckExact(value):
+        return False
+    out[0] = PyLong_AsLongLongAndOverflow(value, &overflow)
+    return overflow == 0
+
+
+cdef Py_ssize_t _clamp_limit(object value) except? -1:
+    """Return ``value`` as a Py_ssize_t, saturating ints beyond its range.
+
+    A limit past the range can never be reached by a sum of in-memory frame
+    lengths, so saturating keeps every comparison's outcome unchanged.
+    """
+    cdef int overflow = 0
+    cdef long long v = PyLong_AsLongLongAndOverflow(value, &overflow)
+    if overflow > 0 or v > PY_SSIZE_T_MAX:
+        return PY_SSIZE_T_MAX
+    if overflow < 0 or v < PY_SSIZE_T_MIN:
+        return PY_SSIZE_T_MIN
+    return <Py_ssize_t>v
+
+
+cdef int _policy_code(object policy) except -2:
+    """Decode a policy like the twin's ``==`` chain; ``_POL_UNKNOWN`` when none matches."""
+    cdef long long v
+    if _small_int(policy, &v):
+        if _POL_DISCONNECT <= v <= _POL_CONFLATE:
+            return <int>v
+        return _POL_UNKNOWN
+    if policy == POLICY_CONFLATE:
+        return _POL_CONFLATE
+    if policy == POLICY_DROP:
+        return _POL_DROP
+    if policy == POLICY_DISCONNECT:
+        return _POL_DISCONNECT
+    return _POL_UNKNOWN
+
+
+# ---------------------------------------------------------------------------
+# framing
+
+
+cdef int _check_header(long long opcode, long long length,
+                       object opcode_obj, object length_obj) except -1:
+    """Raise the twin's ValueError for a bad opcode or length (C-sized values)."""
+    if _OP_CLOSE <= opcode <= _OP_PONG:
+        if length > _MAX_CONTROL or length < 0:
+            raise ValueError(
+                f"control frame payload of {length_obj} bytes exceeds {MAX_CONTROL_PAYLOAD}"
+            )
+    elif opcode < 0 or opcode > _OP_BINARY:
+        raise ValueError(f"unknown opcode {opcode_obj}")
+    if length < 0:
+        # A long long cannot exceed 2**63-1, so only the lower bound is left.
+        raise ValueError(f"invalid payload length {length_obj}")
+    return 0
+
+
+cdef inline Py_ssize_t _header_size(unsigned long long length) noexcept nogil:
+    if length < 126:
+        return 2
+    if length < 0x10000:
+        return 4
+    return 10
+
+
+cdef inline void _write_header(char* out, long long opcode,
+                               unsigned long long length) noexcept nogil:
+    """Write the header of a final, unmasked frame; ``out`` has _header_size() bytes."""
+    cdef unsigned char* p = <unsigned char*>out
+    cdef int i
+    p[0] = <unsigned char>(0x80 | opcode)
+    if length < 126:
+        p[1] = <unsigned char>length
+    elif length < 0x10000:
+        p[1] = 126
+        p[2] = <unsigned char>(length >> 8)
+        p[3] = <unsigned char>length
+    else:
+        p[1] = 127
+        for i in range(8):
+            p[2 + i] = <unsigned char>(length >> (56 - 8 * i))
+
+
+def _frame_header_generic(opcode, length):
+    """The twin's frame_header, line for line, for arguments off the fast path."""
+    if opcode in _CONTROL_OPCODES:
+        if length > MAX_CONTROL_PAYLOAD or length < 0:
+            raise ValueError(
+                f"control frame payload of {length} bytes exceeds {MAX_CONTROL_PAYLOAD}"
+            )
+    elif opcode not in _DATA_OPCODES:
+        raise ValueError(f"unknown opcode {opcode}")
+    if length < 0 or length > 0x7FFFFFFFFFFFFFFF:
+        raise ValueError(f"invalid payload length {length}")
+    first = 0x80 | opcode
+    if length < 126:
+        return bytes((first, length))
+    if length < 0x10000:
+        return bytes((first, 126)) + length.to_bytes(2, "big")
+    return bytes((first, 127)) + length.to_bytes(8, "big")
+
+
+def frame_header(opcode, length):
+    """Return the header of a final, unmasked server frame.
+
+    Args:
+        opcode: one of the ``OP_*`` constants.
+        length: payload length in bytes.
+
+    Raises:
+        ValueError: the opcode is unknown, the length is negative or over 2**63-1,
+            or a control frame's payload is over 125 bytes.
+    """
+    cdef long long op, n
+    cdef bytes out
+    if _small_int(opcode, &op) and _small_int(length, &n):
+        _check_header(op, n, opcode, length)
+        out = PyBytes_FromStringAndSize(NULL, _header_size(<unsigned long long>n))
+        _write_header(PyBytes_AS_STRING(out), op, <unsigned long long>n)
+        return out
+    return _frame_header_generic(opcode, length)
+
+
+def encode_frame(opcode, payload):
+    """Return one final, unmasked server frame holding ``payload``.
+
+    Raises:
+        ValueError: as :func:`frame_header`.
+        TypeError: ``payload`` is not bytes.
+    """
+    cdef long long op
+    cdef Py_ssize_t n, h
+    cdef bytes out
+    cdef char* p
+    if not isinstance(payload, bytes):
+        raise TypeError(f"payload must be bytes, not {type(payload).__name__}")
+    n = PyBytes_GET_SIZE(payload)
+    if not _small_int(opcode, &op):
+        return _frame_header_generic(opcode, n) + payload
+    _check_header(op, n, opcode, n)
+    h = _header_size(<unsigned long long>n)
+    out = PyBytes_FromStringAndSize(NULL, h + n)
+    p = PyBytes_AS_STRING(out)
+    _write_header(p, op, <unsigned long long>n)
+    memcpy(p + h, PyBytes_AS_STRING(payload), <size_t>n)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# outbox
+
+
+@cython.final
+cdef class Outbox:
+    """Outbox(limit, encoding=ENC_JSON, owner=None)
+--
+
+A connection's bounded queue of encoded frames, drained by its writer task.
+
+    Control frames (``put``) are never dropped. Channel frames (``offer``) respect
+    ``limit`` (bytes): when a frame does not fit, the channel's slow-consumer
+    policy decides. Once a channel has dropped or conflated a frame, every later
+    frame of that channel is dropped or conflated too until the writer drains the
+    outbox with :meth:`take`, so a subscriber never sees a stale value after a
+    fresh one and a gap is one contiguous range.
+    """
+
+    cdef object _limit_obj      # what the caller set, returned by .limit
+    cdef Py_ssize_t _limit      # the same, saturated to Py_ssize_t for comparisons
+    cdef readonly int encoding
+    cdef public object owner
+    cdef list _frames
+    cdef Py_ssize_t _size
+    cdef bint _closed
+    cdef dict _conflated
+    cdef dict _gaps
+    cdef public Py_ssize_t dropped
+    cdef public Py_ssize_t conflated
+    cdef public Py_ssize_t queued
+
+    def __cinit__(self):
+        # Containers exist before __init__ runs, so no method ever sees None.
+        self._frames = []
+        self._conflated = {}
+        self._gaps = {}
+
+    def __init__(self, limit, encoding=ENC_JSON, owner=None):
+        if limit <= 0:
+            raise ValueError(f"outbox limit must be > 0, got {limit}")
+        if encoding < 0 or encoding >= N_ENCODINGS:
+            raise ValueError(f"unknown encoding {encoding}")
+        self._limit = _clamp_limit(limit)
+        self._limit_obj = limit
+        self.encoding = encoding
+        self.owner = owner
+        self._frames = []
+        self._size = 0
+        self._closed = False
+        self._conflated = {}
+        self._gaps = {}
+        self.dropped = 0
+        self.conflated = 0
+        self.queued = 0
+
+    @property
+    def limit(self):
+        """Byte limit for channel frames (``offer``)."""
+        return self._limit_obj
+
+    @limit.setter
+    def limit(self, value):
+        self._limit = _clamp_limit(value)
+        self._limit_obj = value
+
+    @property
+    def size(self):
+        """Bytes waiting: queued frames plus held conflated values."""
+        return self._size
+
+    @property
+    def closed(self):
+        return self._closed
+
+    @property
+    def pending(self):
+        """True when :meth:`take` or :meth:`take_gaps` has something to return."""
+        return self._pending()
+
+    cdef inline bint _pending(self) noexcept:
+        return (PyList_GET_SIZE(self._frames) != 0
+                or len(self._conflated) != 0
+                or len(self._gaps) != 0)
+
+    def put(self, frame):
+        """Queue a control or direct-answer frame; never dropped, ignored once closed."""
+        cdef Py_ssize_t n
+        if self._closed:
+            return
+        self._frames.append(frame)
+        n = PyBytes_GET_SIZE(frame) if PyBytes_CheckExact(frame) else len(frame)
+        self._size += n
+        self.queued += 1
+
+    def offer(self, key, frame, policy, offset):
+        """Queue a channel frame, or apply ``policy`` when it does not fit.
+
+        Args:
+            key: the channel the frame belongs to.
+            frame: the encoded frame (shared between subscribers; not copied).
+            policy: ``POLICY_DISCONNECT``, ``POLICY_DROP`` or ``POLICY_CONFLATE``.
+            offset: the message's channel offset, for ``gap`` ranges.
+
+        Returns:
+            One of the ``OFFER_*`` constants. On ``OFFER_OVERFLOW`` the outbox is
+            closed and emptied; the caller must close the connection (4002).
+        """
+        cdef int code = _POL_UNDECODED
+        return self._offer(key, frame, policy, &code, offset)
+
+    cdef int _offer(self, object key, object frame, object policy, int* code,
+                    object offset) except -1:
+        """offer(); ``code`` caches the decoded policy across calls (fanout)."""
+        cdef Py_ssize_t n
+        cdef object held
+        cdef list gap
+        if self._closed:
+            return _RES_CLOSED
+        n = PyBytes_GET_SIZE(frame) if PyBytes_CheckExact(frame) else len(frame)
+        if code[0] == _POL_UNDECODED:
+            code[0] = _policy_code(policy)
+        if code[0] == _POL_CONFLATE:
+            held = self._conflated.get(key)
+            if held is not None:
+                self._size += n - len(held)
+                self._conflated[key] = frame
+                self.conflated += 1
+                return _RES_CONFLATED
+            if self._size + n > self._limit:
+                self._conflated[key] = frame
+                self._size += n
+                self.conflated += 1
+                return _RES_CONFLATED
+        elif code[0] == _POL_DROP:
+            gap = self._gaps.get(key)
+            if gap is not None:
+                gap[1] = offset
+                self.dropped += 1
+                return _RES_DROPPED
+            if self._size + n > self._limit:
+                self._gaps[key] = [offset, offset]
+                self.dropped += 1
+                return _RES_DROPPED
+        elif code[0] == _POL_DISCONNECT:
+            if self._size + n > self._limit:
+                self.close()
+                return _RES_OVERFLOW
+        else:
+            raise ValueError(f"unknown slow-consumer policy {policy}")
+        self._frames.append(frame)
+        self._size += n
+        self.queued += 1
+        return _RES_QUEUED
+
+    def take(self):
+        """Return every queued frame, then every held conflated value, and empty them."""
+        cdef list frames = self._frames
+        if self._conflated:
+            frames.extend(self._conflated.values())
+            self._conflated = {}
+        self._frames = []
+        self._size = 0
+        if not frames:
+            return b""
+        if PyList_GET_SIZE(frames) == 1:
+            return frames[0]
+        return b"".join(frames)
+
+    def take_gaps(self):
+        """Return and forget the pending gaps as ``(key, from_offset, to_offset)``."""
+        if not self._gaps:
+            return []
+        gaps = [(key, r[0], r[1]) for key, r in self._gaps.items()]
+        self._gaps = {}
+        return gaps
+
+    def close(self):
+        """Discard everything waiting; later ``put`` and ``offer`` are ignored."""
+        self._closed = True
+        self._frames = []
+        self._conflated = {}
+        self._gaps = {}
+        self._size = 0
+
+
+# ---------------------------------------------------------------------------
+# membership
+
+
+@cython.final
+cdef class Members:
+    """Members()
+--
+
+The subscribers of one channel: O(1) add, remove and membership test.
+
+    Keeps a count per encoding so a publish encodes only what some member reads.
+    """
+
+    cdef list _items
+    cdef dict _index
+    cdef Py_ssize_t _counts[_N_ENC]
+
+    def __cinit__(self):
+        self._items = []
+        self._index = {}
+
+    def __init__(self):
+        cdef Py_ssize_t i
+        self._items = []
+        self._index = {}
+        for i in range(_N_ENC):
+            self._counts[i] = 0
+
+    def add(self, Outbox outbox not None):
+        """Add ``outbox``; return False when it was already a member."""
+        if outbox in self._index:
+            return False
+        self._index[outbox] = PyList_GET_SIZE(self._items)
+        self._items.append(outbox)
+        # encoding is read-only and validated in Outbox.__init__: always in range.
+        self._counts[outbox.encoding] += 1
+        return True
+
+    def remove(self, outbox):
+        """Remove ``outbox`` (swap with the last member); return False when absent."""
+        cdef Py_ssize_t i
+        cdef Outbox box, last
+        found = self._index.pop(outbox, None)
+        if found is None:
+            return False
+        i = found
+        box = <Outbox>self._items[i]
+        last = <Outbox>self._items.pop()
+        if last is not box:
+            self._items[i] = last
+            self._index[last] = i
+        self._counts[box.encoding] -= 1
+        return True
+
+    def count(self, encoding):
+        """Return how many members read ``encoding``."""
+        cdef long long e
+        cdef Py_ssize_t i
+        if _small_int(encoding, &e) and 0 <= e < _N_ENC:
+            return self._counts[e]
+        # Anything else is indexed like the twin's list, for the same result or error.
+        return [self._counts[i] for i in range(_N_ENC)][encoding]
+
+    def __len__(self):
+        return PyList_GET_SIZE(self._items)
+
+    def __contains__(self, outbox):
+        return outbox in self._index
+
+    def __iter__(self):
+        return iter(list(self._items))
+
+
+# ---------------------------------------------------------------------------
+# fan-out
+
+
+def fanout(Members members not None, frames, key, policy, offset):
+    """Offer one message to every member, each getting the frame of its encoding.
+
+    Args:
+        members: the channel's subscribers.
+        frames: one frame per encoding (``frames[ENC_JSON]``, ``frames[ENC_MSGPACK]``);
+            an entry may be None only when no member uses that encoding.
+        key, policy, offset: as :meth:`Outbox.offer`.
+
+    Returns:
+        ``(woken, overflowed)``: owners of outboxes that had nothing pending before
+        and now do (their writers must be woken), and owners whose outbox
+        overflowed under ``POLICY_DISCONNECT`` (they must be closed with 4002).
+
+    Raises:
+        ValueError: a member's encoding has no frame. Checked before any member
+            is offered the message, so an error leaves every outbox untouched.
+    """
+    cdef list woken = []
+    cdef list overflowed = []
+    cdef list by_encoding = [None] * _N_ENC
+    cdef list items = members._items
+    cdef Py_ssize_t i
+    cdef int code = _POL_UNDECODED
+    cdef int result
+    cdef bint was_pending
+    cdef Outbox box
+    cdef object frame
+    for i in range(_N_ENC):
+        if members._counts[i]:
+            frame = frames[i]
+            if frame is None:
+                raise ValueError(f"no frame for encoding {i}")
+            by_encoding[i] = frame
+    # The length is re-read every pass, like the twin's list iterator.
+    i = 0
+    while i < PyList_GET_SIZE(items):
+        box = <Outbox>PyList_GET_ITEM(items, i)
+        i += 1
+        was_pending = box._pending()
+        result = box._offer(key, <object>PyList_GET_ITEM(by_encoding, box.encoding),
+                            policy, &code, offset)
+        if result == _RES_OVERFLOW:
+            overflowed.append(box.owner)
+        elif not was_pending and result != _RES_CLOSED:
+            woken.append(box.owner)
+    return woken, overflowed
