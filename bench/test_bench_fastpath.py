@@ -1,0 +1,63 @@
+"""Micro-benchmarks of the fast path, Cython and Python side by side.
+
+Run: ``python -m pytest bench --benchmark-only --benchmark-group-by=group``.
+Groups are "<behaviour>" and each row is one implementation (the ``impl`` id), so
+compiled and twin sit next to each other; ``benchmark.extra_info`` records which.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+
+def _setup(benchmark: Any, impl: ModuleType, group: str) -> None:
+    benchmark.group = group
+    benchmark.extra_info["implementation"] = impl.IMPLEMENTATION
+
+
+@pytest.mark.parametrize("size", [64, 1024], ids=["64B", "1KiB"])
+def test_encode_frame(benchmark: Any, impl: ModuleType, size: int) -> None:
+    """Frame one text payload."""
+    _setup(benchmark, impl, f"encode_frame {size} B")
+    payload = b"x" * size
+    frame = benchmark(impl.encode_frame, impl.OP_TEXT, payload)
+    assert len(frame) == size + (2 if size < 126 else 4)
+
+
+def test_outbox_offer_take(benchmark: Any, impl: ModuleType) -> None:
+    """Offer ten 64 B frames to an outbox, then take them as one buffer."""
+    _setup(benchmark, impl, "outbox offer x10 + take")
+    box = impl.Outbox(1 << 20)
+    frame = impl.encode_frame(impl.OP_TEXT, b"x" * 64)
+    offer, take, policy = box.offer, box.take, impl.POLICY_DISCONNECT
+
+    def run() -> bytes:
+        for offset in range(10):
+            offer("ch", frame, policy, offset)
+        return take()
+
+    assert len(benchmark(run)) == 10 * len(frame)
+
+
+@pytest.mark.parametrize("n", [100, 1000])
+def test_fanout(benchmark: Any, impl: ModuleType, n: int) -> None:
+    """Fan one frame out to n members (mixed encodings), every outbox empty before."""
+    _setup(benchmark, impl, f"fanout to {n} members")
+    members = impl.Members()
+    boxes = [impl.Outbox(1 << 20, i % impl.N_ENCODINGS, i) for i in range(n)]
+    for box in boxes:
+        members.add(box)
+    frames = (impl.encode_frame(impl.OP_TEXT, b"j" * 64), impl.encode_frame(impl.OP_BINARY, b"m" * 48))
+
+    def drain() -> None:  # untimed: each round starts empty, so every member is woken
+        for box in boxes:
+            box.take()
+
+    woken, overflowed = benchmark.pedantic(
+        impl.fanout, args=(members, frames, "ch", impl.POLICY_DISCONNECT, 1),
+        setup=drain, rounds=200_000 // n, warmup_rounds=10,
+    )
+    assert (len(woken), overflowed) == (n, [])
