@@ -19,6 +19,8 @@ from ..fastpath import ENC_JSON, ENC_MSGPACK, OP_BINARY, OP_TEXT, encode_frame
 SUBPROTOCOL_JSON = "relay.v1.json"
 SUBPROTOCOL_MSGPACK = "relay.v1.msgpack"
 MAX_NESTING = 64
+MIN_INT = -(2**63)
+MAX_INT = 2**64 - 1
 
 
 def _reject_constant(name: str) -> Any:
@@ -130,17 +132,24 @@ def negotiate(offered: Sequence[str]) -> Codec | None:
 def check_json_compatible(value: Any, what: str = "data") -> None:
     """Raise BadRequest unless ``value`` can be sent to every subscriber in every encoding.
 
-    Data must be representable in JSON: maps with string keys, lists, strings,
-    finite numbers, booleans and null. Bytes, non-string keys and non-finite floats
-    are refused so that a MessagePack publisher never sends something a JSON
-    subscriber cannot receive.
+    Data must be representable in both encodings: maps with string keys, lists,
+    strings, finite numbers, integers within MessagePack's 64-bit range, booleans and
+    null. Bytes, non-string keys, non-finite floats (a JSON ``1e400`` parses as
+    infinity) and wider integers are refused, so a publish never gets an offset for
+    something some subscriber could not receive.
     """
     stack: list[tuple[Any, int]] = [(value, 0)]
     while stack:
         v, depth = stack.pop()
         if depth > MAX_NESTING:
             raise BadRequest(f"{what} is nested deeper than {MAX_NESTING} levels")
-        if v is None or isinstance(v, (str, bool, int)):
+        if v is None or isinstance(v, (str, bool)):
+            continue
+        if isinstance(v, int):
+            if not MIN_INT <= v <= MAX_INT:
+                raise BadRequest(
+                    f"{what} holds the integer {str(v)[:24]}..., outside the 64-bit range "
+                    f"MessagePack subscribers can receive")
             continue
         if isinstance(v, float):
             if v != v or v in (float("inf"), float("-inf")):

@@ -14,7 +14,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import trio
 
-from ..core.codec import dumps_json
+from ..core.codec import check_json_compatible, dumps_json
 from ..core.envelope import validate_channel
 from ..errors import BadRequest, PeerError
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -94,6 +94,7 @@ def _publish(server: RelayServer, body: bytes) -> Response:
         if "data" not in obj:
             raise BadRequest("body needs a data field")
         channel = validate_channel(obj.get("channel"), server.config.max_channel_length)
+        check_json_compatible(obj["data"])
     except PeerError as exc:
         return error_response(_STATUS_BY_CODE.get(exc.code, 400), exc.code, exc.message)
     ch, pub = server.hub.publish(channel, obj["data"], trio.current_time())

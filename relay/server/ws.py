@@ -53,6 +53,9 @@ class Connection:
         self.started_at = time.time()
         self.last_activity = trio.current_time()
         self._lot = trio.lowlevel.ParkingLot()
+        self._drained = trio.lowlevel.ParkingLot()
+        self._counted_dropped = 0
+        self._counted_conflated = 0
         self._close: tuple[int, str] | None = None
         self._peer_gone = False
         self._send_scope: trio.CancelScope | None = None
@@ -105,6 +108,17 @@ class Connection:
                 nursery.cancel_scope.cancel()
         finally:
             self.server.hub.disconnect(self, trio.current_time())
+            self._count_slow_consumer_actions()
+
+    def _count_slow_consumer_actions(self) -> None:
+        """Add the messages this outbox dropped or conflated since last time to the metrics."""
+        box, metrics = self.outbox, self.server.metrics
+        if box.dropped != self._counted_dropped:
+            metrics.slow_consumer("drop", box.dropped - self._counted_dropped)
+            self._counted_dropped = box.dropped
+        if box.conflated != self._counted_conflated:
+            metrics.slow_consumer("conflate", box.conflated - self._counted_conflated)
+            self._counted_conflated = box.conflated
 
     async def _writer(self) -> None:
         outbox, ws = self.outbox, self.ws
@@ -122,9 +136,12 @@ class Connection:
                         frame({"type": "gap", "channel": ch, "from": lo, "to": hi})
                         for ch, lo, hi in gaps
                     )
-                    self.server.metrics.slow_consumer("drop", len(gaps))
+                    self._count_slow_consumer_actions()
+                elif outbox.conflated != self._counted_conflated:
+                    self._count_slow_consumer_actions()
                 if data and not await self._write(data):
                     return
+                self._drained.unpark_all()
                 continue
             code, reason = self._close  # type: ignore[misc]
             with trio.move_on_after(CLOSE_GRACE_SECONDS):
@@ -157,8 +174,13 @@ class Connection:
 
     async def _reader(self) -> None:
         ws = self.ws
+        outbox = self.outbox
         try:
             while True:
+                # Backpressure: a client that does not read its answers is not read from
+                # either, so direct answers (never dropped) cannot pile up without bound.
+                while outbox.size > outbox.limit and not outbox.closed:
+                    await self._drained.park()
                 raw = await ws.get_message()
                 self.last_activity = trio.current_time()
                 self.handle(raw)
@@ -205,12 +227,11 @@ class Connection:
                 raise Forbidden(
                     f"clients may not publish to {env.channel!r}; its channel pattern "
                     f"{ch_opts.pattern!r} has client_publish = false", ref=env.ref)
-            if self.codec.name != "json":
-                try:
-                    check_json_compatible(env.data)
-                except PeerError as exc:
-                    exc.ref = env.ref
-                    raise
+            try:
+                check_json_compatible(env.data)
+            except PeerError as exc:
+                exc.ref = env.ref
+                raise
             ch, pub = server.hub.publish(env.channel, env.data, now)
             server.metrics.published.labels("websocket").inc()
             if env.ref is not None:

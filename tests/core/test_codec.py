@@ -56,20 +56,22 @@ def test_roundtrip_and_frames() -> None:
 
 
 @pytest.mark.parametrize("value", [
-    None, 1, -2**70, 1.5, "s", True, [1, [2, {"a": None}]], {"k": {"k": []}},
-], ids=["none", "int", "bigint", "float", "str", "bool", "nested-list", "nested-map"])
+    None, 1, -2**63, 2**64 - 1, 1.5, "s", True, [1, [2, {"a": None}]], {"k": {"k": []}},
+], ids=["none", "int", "min-int", "max-int", "float", "str", "bool", "nested-list", "nested-map"])
 def test_json_compatible_accepts(value: Any) -> None:
     c.check_json_compatible(value)
 
 
 @pytest.mark.parametrize(("value", "fragment"), [
     (b"x", "type bytes"),
+    (2**64, "64-bit range"),
+    ({"a": [-(2**63) - 1]}, "64-bit range"),
     ({1: "a"}, "map key of type int"),
     ({"a": [float("nan")]}, "non-finite"),
     (float("inf"), "non-finite"),
     ([[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]],
      "nested deeper"),
-], ids=["bytes", "int-key", "nan", "inf", "deep"])
+], ids=["bytes", "too-big-int", "too-small-int", "int-key", "nan", "inf", "deep"])
 def test_json_compatible_refuses(value: Any, fragment: str) -> None:
     with pytest.raises(BadRequest, match=fragment):
         c.check_json_compatible(value)
