@@ -8,12 +8,16 @@ keep-alive. A connection that does not deliver a complete request within
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import TYPE_CHECKING
 
 import h11
 import trio
 import trio_websocket
+from wsproto import ConnectionType, WSConnection
+from wsproto.connection import ConnectionState
+from wsproto.events import CloseConnection
 
 from ..core.codec import BY_SUBPROTOCOL, JSON, SUPPORTED_SUBPROTOCOLS, Codec, negotiate
 from . import http_api
@@ -56,6 +60,31 @@ class ReplayStream(trio.abc.Stream):
 
     async def aclose(self) -> None:
         await self._inner.aclose()
+
+
+class _ServerWebSocket(trio_websocket.WebSocketConnection):
+    """trio-websocket's connection, answering frames it cannot parse with a close frame.
+
+    wsproto reports a frame it cannot parse (invalid UTF-8 in a text frame: 1007; a
+    protocol violation: 1002) as a close *event* while the connection is still open,
+    and trio-websocket then drops the TCP connection without sending anything, so the
+    client only sees 1006. RFC 6455 says to send the close code first; this does.
+    """
+
+    async def _handle_close_connection_event(self, event: CloseConnection) -> None:
+        if self._wsproto.state is ConnectionState.OPEN:
+            with contextlib.suppress(trio_websocket.ConnectionClosed):
+                await self._send(CloseConnection(code=event.code, reason=event.reason))
+        await super()._handle_close_connection_event(event)
+
+
+async def _wrap_server_stream(nursery: trio.Nursery, stream: trio.abc.Stream,
+                              max_message_size: int) -> trio_websocket.WebSocketRequest:
+    """Like ``trio_websocket.wrap_server_stream``, with :class:`_ServerWebSocket`."""
+    connection = _ServerWebSocket(
+        stream, WSConnection(ConnectionType.SERVER), max_message_size=max_message_size)
+    nursery.start_soon(connection._reader_task)
+    return await connection._get_request()
 
 
 def _peer(stream: trio.SocketStream) -> str:
@@ -236,8 +265,7 @@ async def _handshake(server: RelayServer, nursery: trio.Nursery,
                      stream: ReplayStream) -> trio_websocket.WebSocketConnection | None:
     """Negotiate the subprotocol and accept, or refuse with a status that says why."""
     metrics = server.metrics
-    ws_request = await trio_websocket.wrap_server_stream(
-        nursery, stream, max_message_size=server.config.max_message_size)
+    ws_request = await _wrap_server_stream(nursery, stream, server.config.max_message_size)
     codec = negotiate(ws_request.proposed_subprotocols)
     if codec is None:
         metrics.handshakes_refused.labels("subprotocol").inc()
