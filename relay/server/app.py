@@ -48,14 +48,17 @@ class RelayServer:
     @property
     def url(self) -> str:
         """The WebSocket URL clients use, e.g. ``ws://127.0.0.1:8765/ws``."""
-        host = self.config.host
-        if ":" in host:
-            host = f"[{host}]"
-        return f"ws://{host}:{self.port}/ws"
+        return f"ws://{self._netloc}/ws"
 
     @property
     def http_url(self) -> str:
-        return self.url[len("ws"):-len("/ws")].join(("http", ""))
+        """The base URL of the HTTP API, e.g. ``http://127.0.0.1:8765``."""
+        return f"http://{self._netloc}"
+
+    @property
+    def _netloc(self) -> str:
+        host = self.config.host
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
     async def run(self, *, task_status: trio.TaskStatus[RelayServer] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen and serve until :meth:`drain` finishes or :meth:`stop` is called.
