@@ -542,9 +542,13 @@ def fanout(Members members not None, frames, key, policy, offset):
     while i < PyList_GET_SIZE(items):
         box = <Outbox>PyList_GET_ITEM(items, i)
         i += 1
+        frame = <object>PyList_GET_ITEM(by_encoding, box.encoding)
+        if frame is None:
+            # Only reachable when a member's Outbox.__init__ was called again with
+            # another encoding after add(); the twin raises the same there.
+            raise ValueError(f"no frame for encoding {box.encoding}")
         was_pending = box._pending()
-        result = box._offer(key, <object>PyList_GET_ITEM(by_encoding, box.encoding),
-                            policy, &code, offset)
+        result = box._offer(key, frame, policy, &code, offset)
         if result == _RES_OVERFLOW:
             overflowed.append(box.owner)
         elif not was_pending and result != _RES_CLOSED:
