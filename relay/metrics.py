@@ -10,12 +10,26 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from . import fastpath
 from ._version import __version__
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class _FunctionCounter:
+    """A counter whose value is read from a function at scrape time."""
+
+    def __init__(self, name: str, documentation: str, read: Callable[[], float]) -> None:
+        self._name, self._doc, self._read = name, documentation, read
+
+    def describe(self) -> list[CounterMetricFamily]:
+        return [CounterMetricFamily(self._name, self._doc)]
+
+    def collect(self) -> list[CounterMetricFamily]:
+        return [CounterMetricFamily(self._name, self._doc, value=self._read())]
 
 
 class Metrics:
@@ -57,12 +71,18 @@ class Metrics:
             ["route", "status"], registry=r)
         self.channels = Gauge("relay_channels", "Channels held in memory.", registry=r)
         self.draining = Gauge("relay_draining", "1 while the server drains.", registry=r)
-        self.bytes_out = Counter(
-            "relay_sent_bytes_total", "Bytes written to WebSocket connections.", registry=r)
+        self._bytes_sent: Callable[[], int] = lambda: 0
+        r.register(_FunctionCounter(
+            "relay_sent_bytes", "Bytes written to WebSocket connections.", lambda: self._bytes_sent()))
 
     def bind_channels(self, count: Callable[[], int]) -> None:
         """Make the ``relay_channels`` gauge read ``count()`` at scrape time."""
         self.channels.set_function(count)
+
+    def bind_bytes_sent(self, read: Callable[[], int]) -> None:
+        """Make ``relay_sent_bytes_total`` read ``read()`` at scrape time (a plain int on
+        the hot path instead of a locked counter per write)."""
+        self._bytes_sent = read
 
     def delivered(self, n: int, mode: str) -> None:
         self.deliveries.labels(mode).inc(n)

@@ -39,6 +39,12 @@ class RelayServer:
         self.hub = Hub(config, self.metrics)
         self.metrics.bind_channels(lambda: self.hub.statistics().channels)
         self.connections: dict[str, Connection] = {}
+        #: Connections with frames queued during the current batch of input.
+        self.dirty: list[Connection] = []
+        #: Bytes written to WebSocket connections (read by the metrics at scrape time).
+        self.bytes_sent = 0
+        self.metrics.bind_bytes_sent(lambda: self.bytes_sent)
+        self._flush_lot = trio.lowlevel.ParkingLot()
         self.draining = False
         self.port: int = 0
         self._nursery: trio.Nursery | None = None
@@ -74,6 +80,7 @@ class RelayServer:
             self._nursery = nursery
             nursery.start_soon(self._listen, listeners, nursery)
             nursery.start_soon(self._sweeper)
+            nursery.start_soon(self._flusher)
             log.info("relay listening on %s (node %s)", self.url, self.node_id)
             task_status.started(self)
 
@@ -86,6 +93,34 @@ class RelayServer:
         while True:
             await trio.sleep(SWEEP_SECONDS)
             self.hub.sweep(trio.current_time())
+
+    def mark_dirty(self, conn: Connection) -> None:
+        """Queue ``conn`` for :meth:`flush_dirty`.
+
+        The batch that queued frames normally flushes them itself when it ends; the
+        flusher task is woken too as a safety net, so frames queued from anywhere else
+        go out at the next scheduling point instead of waiting for more input.
+        """
+        if not self.dirty:
+            self._flush_lot.unpark_all()
+        self.dirty.append(conn)
+
+    async def _flusher(self) -> None:
+        while True:
+            await self._flush_lot.park()
+            self.flush_dirty()
+
+    def flush_dirty(self) -> None:
+        """Flush every connection that got frames during this batch of input, once each.
+
+        Call it after handling one batch of input (a client message, an HTTP publish):
+        many frames queued for one connection then leave in one ``send``.
+        """
+        dirty = self.dirty
+        if dirty:
+            self.dirty = []
+            for conn in dirty:
+                conn.flush()
 
     def add_connection(self, conn: Connection) -> None:
         self.connections[conn.id] = conn

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import socket
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +60,13 @@ class Connection:
         self._close: tuple[int, str] | None = None
         self._peer_gone = False
         self._send_scope: trio.CancelScope | None = None
+        self._dirty = False
+        self._reader_waiting = False
+        #: Bytes a direct send could not write; the writer sends them before anything else.
+        self._tail: bytes | None = None
+        # The kernel socket, for direct non-blocking sends (None when the stream is not a
+        # plain socket, e.g. under TLS: then every write goes through the writer task).
+        self._sock: socket.socket | None = getattr(getattr(ws._stream, "socket", None), "_sock", None)
 
     def __repr__(self) -> str:
         return f"<Connection {self.id} {self.remote} {self.codec.name}>"
@@ -66,8 +74,41 @@ class Connection:
     # -- called by the hub and the server (synchronous) --------------------------------
 
     def wake(self) -> None:
-        """Wake the writer: the outbox has something to send."""
-        self._lot.unpark_all()
+        """Note that the outbox has something to send; the server flushes it at the end of
+        the current batch of input (:meth:`RelayServer.flush_dirty`)."""
+        if not self._dirty:
+            self._dirty = True
+            self.server.mark_dirty(self)
+
+    def flush(self) -> None:
+        """Write what is queued now with one non-blocking send; wake the writer for the rest.
+
+        Sends directly only when nothing else can be writing: no earlier bytes left over,
+        no write of the writer or of trio-websocket (ping, pong, close) in progress (its
+        stream lock is free), and the WebSocket still open. Otherwise, or when the
+        kernel takes only part, the writer task sends the rest in order.
+        """
+        self._dirty = False
+        ws, sock = self.ws, self._sock
+        if (sock is None or self._tail is not None or self._close is not None
+                or ws._stream_lock.locked() or ws._wsproto.state is not ConnectionState.OPEN):
+            self._lot.unpark_all()
+            return
+        data = self._take()
+        if not data:
+            return
+        try:
+            sent = sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            sent = 0  # the writer's send_all meets the same error and ends the connection
+        self.server.bytes_sent += sent
+        if sent < len(data):
+            self._tail = data[sent:]
+            self._lot.unpark_all()
+        elif self._reader_waiting:
+            self._drained.unpark_all()
 
     def kick(self, code: int, reason: str) -> None:
         """Close this connection with ``code``: the writer flushes what is queued, then closes.
@@ -85,7 +126,7 @@ class Connection:
     def send(self, message: dict[str, Any]) -> None:
         """Queue a direct answer (never dropped by the slow-consumer policy)."""
         self.outbox.put(self.codec.frame(message))
-        self._lot.unpark_all()
+        self.wake()
 
     def send_error(self, code: str, message: str, ref: envelope.Ref = None) -> None:
         self.server.metrics.errors.labels(code).inc()
@@ -120,28 +161,37 @@ class Connection:
             metrics.slow_consumer("conflate", box.conflated - self._counted_conflated)
             self._counted_conflated = box.conflated
 
+    def _take(self) -> bytes:
+        """Empty the outbox into bytes to write: queued frames, held values, then gaps."""
+        outbox = self.outbox
+        data = outbox.take()
+        gaps = outbox.take_gaps()
+        if gaps:
+            frame = self.codec.frame
+            data += b"".join(
+                frame({"type": "gap", "channel": ch, "from": lo, "to": hi})
+                for ch, lo, hi in gaps
+            )
+            self._count_slow_consumer_actions()
+        elif outbox.conflated != self._counted_conflated:
+            self._count_slow_consumer_actions()
+        return data
+
     async def _writer(self) -> None:
         outbox, ws = self.outbox, self.ws
         while True:
-            while not outbox.pending and self._close is None and not self._peer_gone:
+            while (self._tail is None and not outbox.pending and self._close is None
+                   and not self._peer_gone):
                 await self._lot.park()
             if self._peer_gone:
                 return
-            if outbox.pending:
-                data = outbox.take()
-                gaps = outbox.take_gaps()
-                if gaps:
-                    frame = self.codec.frame
-                    data += b"".join(
-                        frame({"type": "gap", "channel": ch, "from": lo, "to": hi})
-                        for ch, lo, hi in gaps
-                    )
-                    self._count_slow_consumer_actions()
-                elif outbox.conflated != self._counted_conflated:
-                    self._count_slow_consumer_actions()
+            if self._tail is not None or outbox.pending:
+                data, self._tail = self._tail, None
+                data = data + self._take() if data is not None else self._take()
                 if data and not await self._write(data):
                     return
-                self._drained.unpark_all()
+                if self._reader_waiting:
+                    self._drained.unpark_all()
                 continue
             code, reason = self._close  # type: ignore[misc]
             with trio.move_on_after(CLOSE_GRACE_SECONDS):
@@ -169,7 +219,7 @@ class Connection:
             log.info("connection %s: dropped after a stalled write during close", self.id)
             await trio.aclose_forcefully(ws._stream)
             return False
-        self.server.metrics.bytes_out.inc(len(data))
+        self.server.bytes_sent += len(data)
         return True
 
     async def _reader(self) -> None:
@@ -180,10 +230,15 @@ class Connection:
                 # Backpressure: a client that does not read its answers is not read from
                 # either, so direct answers (never dropped) cannot pile up without bound.
                 while outbox.size > outbox.limit and not outbox.closed:
-                    await self._drained.park()
+                    self._reader_waiting = True
+                    try:
+                        await self._drained.park()
+                    finally:
+                        self._reader_waiting = False
                 raw = await ws.get_message()
                 self.last_activity = trio.current_time()
                 self.handle(raw)
+                self.server.flush_dirty()
         except ConnectionClosed:
             pass  # the peer closed, or we did; the writer ends too
         finally:
