@@ -95,11 +95,13 @@ class RelayServer:
             self.hub.sweep(trio.current_time())
 
     def mark_dirty(self, conn: Connection) -> None:
-        """Queue ``conn`` for :meth:`flush_dirty`.
+        """Queue ``conn`` for :meth:`flush_dirty` and wake the flusher task.
 
-        The batch that queued frames normally flushes them itself when it ends; the
-        flusher task is woken too as a safety net, so frames queued from anywhere else
-        go out at the next scheduling point instead of waiting for more input.
+        The flusher runs at trio's next scheduling pass, after every task that was
+        already runnable (readers handling more input, the HTTP API) has had its turn.
+        So under load one pass handles a batch of input and each connection it touched
+        is flushed once, many frames in one ``send``; at light load a frame waits one
+        scheduling pass, never a timer.
         """
         if not self.dirty:
             self._flush_lot.unpark_all()
@@ -111,11 +113,7 @@ class RelayServer:
             self.flush_dirty()
 
     def flush_dirty(self) -> None:
-        """Flush every connection that got frames during this batch of input, once each.
-
-        Call it after handling one batch of input (a client message, an HTTP publish):
-        many frames queued for one connection then leave in one ``send``.
-        """
+        """Flush every connection that got frames since the last flush, once each."""
         dirty = self.dirty
         if dirty:
             self.dirty = []

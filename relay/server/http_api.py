@@ -98,7 +98,6 @@ def _publish(server: RelayServer, body: bytes) -> Response:
     except PeerError as exc:
         return error_response(_STATUS_BY_CODE.get(exc.code, 400), exc.code, exc.message)
     ch, pub = server.hub.publish(channel, obj["data"], trio.current_time())
-    server.flush_dirty()
     server.metrics.published.labels("http").inc()
     return json_response(200, {"channel": channel, "offset": pub.offset, "epoch": ch.log.epoch})
 

@@ -2,11 +2,13 @@
 
 The reader decodes each client message and hands it to the hub (synchronously);
 every answer and every delivery goes into the connection's bounded
-:class:`~relay.fastpath.Outbox`, which the writer task drains, writing many frames
-with one ``send_all``. Frames are pre-encoded, so the writer bypasses
-trio-websocket's per-message framing and writes them under its stream lock (the
-same lock trio-websocket's own sends take, so pings, pongs and close frames never
-interleave inside one of ours).
+:class:`~relay.fastpath.Outbox`. Once per scheduling pass the server flushes each
+connection that got frames with one direct non-blocking ``send`` of everything
+queued (:meth:`Connection.flush`); only what the kernel did not take is left to the
+connection's writer task, which sends it with ``send_all``. Frames are
+pre-encoded, so both paths bypass trio-websocket's per-message framing; they write
+only while trio-websocket's stream lock is free (the writer holds it), so its
+pings, pongs and close frames never interleave inside one of ours.
 """
 
 from __future__ import annotations
@@ -74,8 +76,8 @@ class Connection:
     # -- called by the hub and the server (synchronous) --------------------------------
 
     def wake(self) -> None:
-        """Note that the outbox has something to send; the server flushes it at the end of
-        the current batch of input (:meth:`RelayServer.flush_dirty`)."""
+        """Note that the outbox has something to send; the server's flusher task flushes it
+        at the next scheduling pass (:meth:`RelayServer.mark_dirty`)."""
         if not self._dirty:
             self._dirty = True
             self.server.mark_dirty(self)
@@ -238,7 +240,7 @@ class Connection:
                 raw = await ws.get_message()
                 self.last_activity = trio.current_time()
                 self.handle(raw)
-                self.server.flush_dirty()
+                # What this queued is flushed by the server's flusher task (mark_dirty).
         except ConnectionClosed:
             pass  # the peer closed, or we did; the writer ends too
         finally:
