@@ -64,6 +64,7 @@ class Connection:
         self._send_scope: trio.CancelScope | None = None
         self._dirty = False
         self._reader_waiting = False
+        self._writing = False
         #: Bytes a direct send could not write; the writer sends them before anything else.
         self._tail: bytes | None = None
         # The kernel socket, for direct non-blocking sends (None when the stream is not a
@@ -86,13 +87,14 @@ class Connection:
         """Write what is queued now with one non-blocking send; wake the writer for the rest.
 
         Sends directly only when nothing else can be writing: no earlier bytes left over,
-        no write of the writer or of trio-websocket (ping, pong, close) in progress (its
-        stream lock is free), and the WebSocket still open. Otherwise, or when the
+        no write of the writer task (from the moment it took its bytes) or of
+        trio-websocket (ping, pong, close: its stream lock is free) in progress, and the
+        WebSocket still open. Otherwise, or when the
         kernel takes only part, the writer task sends the rest in order.
         """
         self._dirty = False
         ws, sock = self.ws, self._sock
-        if (sock is None or self._tail is not None or self._close is not None
+        if (sock is None or self._writing or self._tail is not None or self._close is not None
                 or ws._stream_lock.locked() or ws._wsproto.state is not ConnectionState.OPEN):
             self._lot.unpark_all()
             return
@@ -190,8 +192,14 @@ class Connection:
             if self._tail is not None or outbox.pending:
                 data, self._tail = self._tail, None
                 data = data + self._take() if data is not None else self._take()
-                if data and not await self._write(data):
-                    return
+                # From here until the write is done, flush() must not send: frames queued
+                # meanwhile would overtake these (acquiring the stream lock checkpoints).
+                self._writing = True
+                try:
+                    if data and not await self._write(data):
+                        return
+                finally:
+                    self._writing = False
                 if self._reader_waiting:
                     self._drained.unpark_all()
                 continue
