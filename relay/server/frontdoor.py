@@ -30,6 +30,10 @@ log = logging.getLogger("relay.server")
 
 MAX_REQUEST_HEAD_BYTES = 16 * 1024
 RECEIVE_BYTES = 16 * 1024
+#: Client messages trio-websocket may parse ahead of the connection's reader; the
+#: reader handles all of them in one scheduling pass (bounded: at most this many
+#: messages of max_message_size bytes wait per connection).
+MESSAGE_QUEUE_SIZE = 32
 WS_PATH = "/ws"
 
 
@@ -82,7 +86,8 @@ async def _wrap_server_stream(nursery: trio.Nursery, stream: trio.abc.Stream,
                               max_message_size: int) -> trio_websocket.WebSocketRequest:
     """Like ``trio_websocket.wrap_server_stream``, with :class:`_ServerWebSocket`."""
     connection = _ServerWebSocket(
-        stream, WSConnection(ConnectionType.SERVER), max_message_size=max_message_size)
+        stream, WSConnection(ConnectionType.SERVER), max_message_size=max_message_size,
+        message_queue_size=MESSAGE_QUEUE_SIZE, receive_buffer_size=RECEIVE_BYTES)
     nursery.start_soon(connection._reader_task)
     return await connection._get_request()
 

@@ -235,6 +235,7 @@ class Connection:
     async def _reader(self) -> None:
         ws = self.ws
         outbox = self.outbox
+        receive_nowait = ws._recv_channel.receive_nowait
         try:
             while True:
                 # Backpressure: a client that does not read its answers is not read from
@@ -248,7 +249,15 @@ class Connection:
                 raw = await ws.get_message()
                 self.last_activity = trio.current_time()
                 self.handle(raw)
-                # What this queued is flushed by the server's flusher task (mark_dirty).
+                # Handle what trio-websocket has already parsed without yielding, so one
+                # scheduling pass handles a batch and the flusher task (mark_dirty) then
+                # writes each touched connection once for the whole batch.
+                while outbox.size <= outbox.limit:
+                    try:
+                        raw = receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                        break  # nothing more now; a closure surfaces from get_message()
+                    self.handle(raw)
         except ConnectionClosed:
             pass  # the peer closed, or we did; the writer ends too
         finally:
