@@ -61,3 +61,32 @@ def test_fanout(benchmark: Any, impl: ModuleType, n: int) -> None:
         setup=drain, rounds=200_000 // n, warmup_rounds=10,
     )
     assert (len(woken), overflowed) == (n, [])
+
+
+@pytest.mark.parametrize("n", [10, 1000, 100_000], ids=["10", "1k", "100k"])
+def test_members_churn(benchmark: Any, impl: ModuleType, n: int) -> None:
+    """Remove one member of a channel of n and add it back (O(1) each)."""
+    _setup(benchmark, impl, f"members remove+add at {n}")
+    members = impl.Members()
+    boxes = [impl.Outbox(1 << 16, i % impl.N_ENCODINGS, i) for i in range(n)]
+    for box in boxes:
+        members.add(box)
+    victim = boxes[n // 2]
+    remove, add = members.remove, members.add
+
+    def run() -> None:
+        remove(victim)
+        add(victim)
+
+    benchmark(run)
+    assert len(members) == n and victim in members
+
+
+@pytest.mark.parametrize("n", [10, 1000, 100_000], ids=["10", "1k", "100k"])
+def test_members_iterate(benchmark: Any, impl: ModuleType, n: int) -> None:
+    """Iterate over every member of a channel of n."""
+    _setup(benchmark, impl, f"members iterate {n}")
+    members = impl.Members()
+    for i in range(n):
+        members.add(impl.Outbox(1 << 16, i % impl.N_ENCODINGS, i))
+    assert benchmark(lambda: sum(1 for _ in members)) == n

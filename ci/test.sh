@@ -24,3 +24,7 @@ RELAY_REQUIRE_COMPILED=1 run_pytest
 RELAY_PURE_PYTHON=1 run_pytest
 
 bash ci/wheel_check.sh
+
+# Hot-path regression check: compiled vs pure-Python ratios measured in this run,
+# against stored floors (ci/bench_floors.json); absolute times are never compared.
+python ci/bench_check.py
