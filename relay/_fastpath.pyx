@@ -29,6 +29,13 @@ from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_CheckExact
 from libc.string cimport memcpy
 
 
+cdef extern from "<sys/socket.h>" nogil:
+    ssize_t send(int fd, const void* buf, size_t n, int flags)
+    enum:
+        MSG_DONTWAIT
+        MSG_NOSIGNAL
+
+
 cdef extern from "Python.h":
     const Py_ssize_t PY_SSIZE_T_MAX
     const Py_ssize_t PY_SSIZE_T_MIN
@@ -270,6 +277,9 @@ A connection's bounded queue of encoded frames, drained by its writer task.
     cdef public Py_ssize_t dropped
     cdef public Py_ssize_t conflated
     cdef public Py_ssize_t queued
+    cdef public int fd          # the socket for direct sends by flush(); -1: none
+    cdef Py_ssize_t _holds
+    cdef bint _dirty
 
     def __cinit__(self):
         # Containers exist before __init__ runs, so no method ever sees None.
@@ -294,6 +304,41 @@ A connection's bounded queue of encoded frames, drained by its writer task.
         self.dropped = 0
         self.conflated = 0
         self.queued = 0
+        self.fd = -1
+        self._holds = 0
+        self._dirty = False
+
+    @property
+    def holds(self):
+        """How many reasons currently forbid :func:`flush` to write directly."""
+        return self._holds
+
+    def hold(self):
+        """Forbid direct writes by :func:`flush` until the matching :meth:`release`.
+
+        Whoever else writes to the socket (the connection's writer task, the
+        WebSocket library sending a ping, pong or close frame) holds the outbox while
+        it does, so bytes never interleave.
+        """
+        self._holds += 1
+
+    def release(self):
+        """Undo one :meth:`hold`.
+
+        Raises:
+            ValueError: there is no hold to release.
+        """
+        if self._holds <= 0:
+            raise ValueError("release() without a matching hold()")
+        self._holds -= 1
+
+    def mark_dirty(self, list dirty not None):
+        """Append this outbox to ``dirty`` unless it is there already; True when appended."""
+        if self._dirty:
+            return False
+        self._dirty = True
+        dirty.append(self)
+        return True
 
     @property
     def limit(self):
@@ -501,6 +546,93 @@ The subscribers of one channel: O(1) add, remove and membership test.
 
 # ---------------------------------------------------------------------------
 # fan-out
+
+
+cdef list _frames_by_encoding(Members members, frames):
+    cdef list by_encoding = [None] * _N_ENC
+    cdef Py_ssize_t i
+    cdef object frame
+    for i in range(_N_ENC):
+        if members._counts[i]:
+            frame = frames[i]
+            if frame is None:
+                raise ValueError(f"no frame for encoding {i}")
+            by_encoding[i] = frame
+    return by_encoding
+
+
+def fanout_into(Members members not None, frames, key, policy, offset, list dirty not None):
+    """Offer one message to every member and mark each touched outbox dirty.
+
+    Like :func:`fanout`, but instead of returning the owners to wake, appends every
+    outbox that accepted something to ``dirty`` (once: see :meth:`Outbox.mark_dirty`),
+    for :func:`flush` to write at the end of the batch.
+
+    Returns:
+        The owners whose outbox overflowed under ``POLICY_DISCONNECT`` (close 4002).
+
+    Raises:
+        ValueError: a member's encoding has no frame (nothing was offered).
+    """
+    cdef list overflowed = []
+    cdef list by_encoding = _frames_by_encoding(members, frames)
+    cdef list items = members._items
+    cdef Py_ssize_t i = 0
+    cdef int code = _POL_UNDECODED
+    cdef int result
+    cdef Outbox box
+    cdef object frame
+    while i < PyList_GET_SIZE(items):
+        box = <Outbox>PyList_GET_ITEM(items, i)
+        i += 1
+        frame = <object>PyList_GET_ITEM(by_encoding, box.encoding)
+        if frame is None:
+            raise ValueError(f"no frame for encoding {box.encoding}")
+        result = box._offer(key, frame, policy, &code, offset)
+        if result == _RES_OVERFLOW:
+            overflowed.append(box.owner)
+        elif result != _RES_CLOSED and not box._dirty:
+            box._dirty = True
+            dirty.append(box)
+    return overflowed
+
+
+def flush(list dirty not None):
+    """Write each dirty outbox to its socket with one non-blocking send, then clear ``dirty``.
+
+    An outbox is written directly only when it has a socket (``fd >= 0``), no
+    :meth:`~Outbox.hold` and no pending gap (gap frames are encoded by the caller).
+    What the kernel does not take stays queued, first in line.
+
+    Returns:
+        ``(wake, sent)``: owners whose writer task must finish the job (held, no
+        socket, a gap pending, or a partial send), and the bytes written.
+    """
+    cdef list wake = []
+    cdef long long total = 0
+    cdef Py_ssize_t i, n, length
+    cdef Outbox box
+    cdef bytes data
+    for i in range(PyList_GET_SIZE(dirty)):
+        box = <Outbox?>PyList_GET_ITEM(dirty, i)
+        box._dirty = False
+        if not box._pending():
+            continue
+        if box.fd < 0 or box._holds or len(box._gaps) != 0:
+            wake.append(box.owner)
+            continue
+        data = box.take()
+        length = PyBytes_GET_SIZE(data)
+        n = send(box.fd, PyBytes_AS_STRING(data), <size_t>length, MSG_DONTWAIT | MSG_NOSIGNAL)
+        if n < 0:
+            n = 0  # EAGAIN: the socket is full; other errors: the writer meets them too
+        total += n
+        if n < length:
+            box._frames.append(PyBytes_FromStringAndSize(PyBytes_AS_STRING(data) + n, length - n))
+            box._size = length - n
+            wake.append(box.owner)
+    del dirty[:]
+    return wake, total
 
 
 def fanout(Members members not None, frames, key, policy, offset):

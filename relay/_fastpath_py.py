@@ -12,6 +12,7 @@ excepted).
 
 from __future__ import annotations
 
+from os import write as _write_fd
 from collections.abc import Iterator
 from typing import Any
 
@@ -101,6 +102,7 @@ class Outbox:
     __slots__ = (
         "limit", "encoding", "owner", "_frames", "_size", "_closed",
         "_conflated", "_gaps", "dropped", "conflated", "queued",
+        "fd", "_holds", "_dirty",
     )
 
     def __init__(self, limit: int, encoding: int = ENC_JSON, owner: Any = None) -> None:
@@ -119,6 +121,42 @@ class Outbox:
         self.dropped = 0
         self.conflated = 0
         self.queued = 0
+        #: The socket's file descriptor for direct sends by :func:`flush`; -1: none.
+        self.fd = -1
+        self._holds = 0
+        self._dirty = False
+
+    @property
+    def holds(self) -> int:
+        """How many reasons currently forbid :func:`flush` to write directly."""
+        return self._holds
+
+    def hold(self) -> None:
+        """Forbid direct writes by :func:`flush` until the matching :meth:`release`.
+
+        Whoever else writes to the socket (the connection's writer task, the
+        WebSocket library sending a ping, pong or close frame) holds the outbox while
+        it does, so bytes never interleave.
+        """
+        self._holds += 1
+
+    def release(self) -> None:
+        """Undo one :meth:`hold`.
+
+        Raises:
+            ValueError: there is no hold to release.
+        """
+        if self._holds <= 0:
+            raise ValueError("release() without a matching hold()")
+        self._holds -= 1
+
+    def mark_dirty(self, dirty: list[Any]) -> bool:
+        """Append this outbox to ``dirty`` unless it is there already; True when appended."""
+        if self._dirty:
+            return False
+        self._dirty = True
+        dirty.append(self)
+        return True
 
     @property
     def size(self) -> int:
@@ -268,6 +306,79 @@ class Members:
 
     def __iter__(self) -> Iterator[Outbox]:
         return iter(list(self._items))
+
+
+def _check_frames(members: Members, frames: tuple[bytes | None, ...]) -> None:
+    for enc in range(N_ENCODINGS):
+        if members._counts[enc] and frames[enc] is None:
+            raise ValueError(f"no frame for encoding {enc}")
+
+
+def fanout_into(
+    members: Members,
+    frames: tuple[bytes | None, ...],
+    key: Any,
+    policy: int,
+    offset: int,
+    dirty: list[Outbox],
+) -> list[Any]:
+    """Offer one message to every member and mark each touched outbox dirty.
+
+    Like :func:`fanout`, but instead of returning the owners to wake, appends every
+    outbox that accepted something to ``dirty`` (once: see :meth:`Outbox.mark_dirty`),
+    for :func:`flush` to write at the end of the batch.
+
+    Returns:
+        The owners whose outbox overflowed under ``POLICY_DISCONNECT`` (close 4002).
+
+    Raises:
+        ValueError: a member's encoding has no frame (nothing was offered).
+    """
+    _check_frames(members, frames)
+    overflowed: list[Any] = []
+    for box in members._items:
+        result = box.offer(key, frames[box.encoding], policy, offset)
+        if result == OFFER_OVERFLOW:
+            overflowed.append(box.owner)
+        elif result != OFFER_CLOSED and not box._dirty:
+            box._dirty = True
+            dirty.append(box)
+    return overflowed
+
+
+def flush(dirty: list[Outbox]) -> tuple[list[Any], int]:
+    """Write each dirty outbox to its socket with one non-blocking send, then clear ``dirty``.
+
+    An outbox is written directly only when it has a socket (``fd >= 0``), no
+    :meth:`~Outbox.hold` and no pending gap (gap frames are encoded by the caller).
+    What the kernel does not take stays queued, first in line.
+
+    Returns:
+        ``(wake, sent)``: owners whose writer task must finish the job (held, no
+        socket, a gap pending, or a partial send), and the bytes written.
+    """
+    wake: list[Any] = []
+    sent = 0
+    for box in dirty:
+        box._dirty = False
+        if not (box._frames or box._conflated or box._gaps):
+            continue
+        if box.fd < 0 or box._holds or box._gaps:
+            wake.append(box.owner)
+            continue
+        data = box.take()
+        try:
+            n = _write_fd(box.fd, data)
+        except OSError:  # BlockingIOError: socket full; others: the writer meets them too
+            n = 0
+        sent += n
+        if n < len(data):
+            rest = data[n:]
+            box._frames.append(rest)
+            box._size = len(rest)
+            wake.append(box.owner)
+    dirty.clear()
+    return wake, sent
 
 
 def fanout(

@@ -42,11 +42,13 @@ encode_frame = _impl.encode_frame
 Outbox = _impl.Outbox
 Members = _impl.Members
 fanout = _impl.fanout
+fanout_into = _impl.fanout_into
+flush = _impl.flush
 
 __all__ = [
     "IMPLEMENTATION", "OP_CONTINUATION", "OP_TEXT", "OP_BINARY", "OP_CLOSE", "OP_PING",
     "OP_PONG", "ENC_JSON", "ENC_MSGPACK", "N_ENCODINGS", "POLICY_DISCONNECT",
     "POLICY_DROP", "POLICY_CONFLATE", "OFFER_QUEUED", "OFFER_DROPPED", "OFFER_CONFLATED",
     "OFFER_OVERFLOW", "OFFER_CLOSED", "frame_header", "encode_frame", "Outbox", "Members",
-    "fanout",
+    "fanout", "fanout_into", "flush",
 ]

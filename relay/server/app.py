@@ -17,6 +17,7 @@ from functools import partial
 
 import trio
 
+from .. import fastpath
 from ..config import Config, effective_node_id
 from ..metrics import Metrics
 from .frontdoor import handle_stream
@@ -39,12 +40,11 @@ class RelayServer:
         self.hub = Hub(config, self.metrics)
         self.metrics.bind_channels(lambda: self.hub.statistics().channels)
         self.connections: dict[str, Connection] = {}
-        #: Connections with frames queued during the current batch of input.
-        self.dirty: list[Connection] = []
         #: Bytes written to WebSocket connections (read by the metrics at scrape time).
         self.bytes_sent = 0
         self.metrics.bind_bytes_sent(lambda: self.bytes_sent)
         self._flush_lot = trio.lowlevel.ParkingLot()
+        self.hub.wake_flusher = self.wake_flusher
         self.draining = False
         self.port: int = 0
         self._nursery: trio.Nursery | None = None
@@ -94,31 +94,26 @@ class RelayServer:
             await trio.sleep(SWEEP_SECONDS)
             self.hub.sweep(trio.current_time())
 
-    def mark_dirty(self, conn: Connection) -> None:
-        """Queue ``conn`` for :meth:`flush_dirty` and wake the flusher task.
+    def wake_flusher(self) -> None:
+        """Wake the flusher task: some outbox was marked dirty (``hub.dirty``).
 
         The flusher runs at trio's next scheduling pass, after every task that was
         already runnable (readers handling more input, the HTTP API) has had its turn.
         So under load one pass handles a batch of input and each connection it touched
-        is flushed once, many frames in one ``send``; at light load a frame waits one
+        is written once, many frames in one ``send``; at light load a frame waits one
         scheduling pass, never a timer.
         """
-        if not self.dirty:
-            self._flush_lot.unpark_all()
-        self.dirty.append(conn)
+        self._flush_lot.unpark_all()
 
     async def _flusher(self) -> None:
+        hub, lot = self.hub, self._flush_lot
         while True:
-            await self._flush_lot.park()
-            self.flush_dirty()
-
-    def flush_dirty(self) -> None:
-        """Flush every connection that got frames since the last flush, once each."""
-        dirty = self.dirty
-        if dirty:
-            self.dirty = []
-            for conn in dirty:
-                conn.flush()
+            await lot.park()
+            if hub.dirty:
+                wake, sent = fastpath.flush(hub.dirty)
+                self.bytes_sent += sent
+                for conn in wake:
+                    conn.wake_writer()
 
     def add_connection(self, conn: Connection) -> None:
         self.connections[conn.id] = conn

@@ -11,7 +11,7 @@ other, so a subscriber's recovered messages and its live ones join without a gap
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -41,6 +41,7 @@ class Subscriber(Protocol):
     subscriptions: set[str]
 
     def wake(self) -> None: ...
+    def wake_writer(self) -> None: ...
     def kick(self, code: int, reason: str) -> None: ...
 
 
@@ -82,6 +83,10 @@ class Channel:
         return frame
 
 
+def _nothing() -> None:
+    pass
+
+
 class Hub:
     """Every channel of this node."""
 
@@ -89,6 +94,10 @@ class Hub:
         self._config = config
         self._metrics = metrics
         self._channels: dict[str, Channel] = {}
+        #: Outboxes that got frames since the last flush; the server writes them
+        #: (``fastpath.flush``) when ``wake_flusher`` has woken its flusher task.
+        self.dirty: list[Any] = []
+        self.wake_flusher: Callable[[], None] = _nothing
 
     def __iter__(self) -> Iterator[Channel]:
         return iter(self._channels.values())
@@ -125,9 +134,10 @@ class Hub:
                 ch.frame(pub, enc) if members.count(enc) else None
                 for enc in range(fastpath.N_ENCODINGS)
             )
-            woken, overflowed = fastpath.fanout(members, frames, name, ch.policy, pub.offset)
-            for sub in woken:
-                sub.wake()
+            dirty = self.dirty
+            overflowed = fastpath.fanout_into(members, frames, name, ch.policy, pub.offset, dirty)
+            if dirty:
+                self.wake_flusher()
             for sub in overflowed:
                 sub.kick(CLOSE_SLOW_CONSUMER, "slow consumer: send queue overflowed")
             if self._metrics is not None:

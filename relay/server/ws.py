@@ -41,6 +41,39 @@ CLOSE_INTERNAL_ERROR = 1011
 CLOSE_GRACE_SECONDS = 2.0
 
 
+class _HoldingLock:
+    """trio-websocket's stream lock, holding the connection's outbox while it is used.
+
+    Every write of trio-websocket (ping, pong, close) and of the writer task takes
+    this lock; holding the outbox meanwhile keeps direct sends out, from the moment a
+    writer starts waiting for the lock until it is done. Once a close frame has been
+    written the hold is kept for good: nothing may follow a close frame.
+    """
+
+    def __init__(self, lock: trio.StrictFIFOLock, outbox: Any, ws: WebSocketConnection) -> None:
+        self._lock = lock
+        self._outbox = outbox
+        self._ws = ws
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+    async def __aenter__(self) -> None:
+        self._outbox.hold()
+        acquired = False
+        try:
+            await self._lock.acquire()
+            acquired = True
+        finally:
+            if not acquired:
+                self._outbox.release()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._lock.release()
+        if self._ws._wsproto.state is ConnectionState.OPEN:
+            self._outbox.release()
+
+
 class Connection:
     """A client connected over WebSocket; owns its reader, writer and heartbeat tasks."""
 
@@ -62,14 +95,15 @@ class Connection:
         self._close: tuple[int, str] | None = None
         self._peer_gone = False
         self._send_scope: trio.CancelScope | None = None
-        self._dirty = False
         self._reader_waiting = False
-        self._writing = False
-        #: Bytes a direct send could not write; the writer sends them before anything else.
-        self._tail: bytes | None = None
-        # The kernel socket, for direct non-blocking sends (None when the stream is not a
-        # plain socket, e.g. under TLS: then every write goes through the writer task).
-        self._sock: socket.socket | None = getattr(getattr(ws._stream, "socket", None), "_sock", None)
+        # Direct sends (fastpath.flush) write to the socket's descriptor when the stream
+        # is a plain socket; under TLS, or any other stream, every write goes through
+        # the writer task. trio-websocket's stream lock is wrapped so that its own
+        # writes (pings, pongs, close frames) hold the outbox while they happen.
+        sock = getattr(getattr(ws._stream, "socket", None), "_sock", None)
+        if isinstance(sock, socket.socket):
+            self.outbox.fd = sock.fileno()
+        ws._stream_lock = _HoldingLock(ws._stream_lock, self.outbox, ws)
 
     def __repr__(self) -> str:
         return f"<Connection {self.id} {self.remote} {self.codec.name}>"
@@ -77,42 +111,14 @@ class Connection:
     # -- called by the hub and the server (synchronous) --------------------------------
 
     def wake(self) -> None:
-        """Note that the outbox has something to send; the server's flusher task flushes it
-        at the next scheduling pass (:meth:`RelayServer.mark_dirty`)."""
-        if not self._dirty:
-            self._dirty = True
-            self.server.mark_dirty(self)
+        """Note that the outbox has something to send: the server's flusher task writes it
+        at the next scheduling pass (:meth:`RelayServer.wake_flusher`)."""
+        if self.outbox.mark_dirty(self.server.hub.dirty):
+            self.server.wake_flusher()
 
-    def flush(self) -> None:
-        """Write what is queued now with one non-blocking send; wake the writer for the rest.
-
-        Sends directly only when nothing else can be writing: no earlier bytes left over,
-        no write of the writer task (from the moment it took its bytes) or of
-        trio-websocket (ping, pong, close: its stream lock is free) in progress, and the
-        WebSocket still open. Otherwise, or when the
-        kernel takes only part, the writer task sends the rest in order.
-        """
-        self._dirty = False
-        ws, sock = self.ws, self._sock
-        if (sock is None or self._writing or self._tail is not None or self._close is not None
-                or ws._stream_lock.locked() or ws._wsproto.state is not ConnectionState.OPEN):
-            self._lot.unpark_all()
-            return
-        data = self._take()
-        if not data:
-            return
-        try:
-            sent = sock.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            sent = 0  # the writer's send_all meets the same error and ends the connection
-        self.server.bytes_sent += sent
-        if sent < len(data):
-            self._tail = data[sent:]
-            self._lot.unpark_all()
-        elif self._reader_waiting:
-            self._drained.unpark_all()
+    def wake_writer(self) -> None:
+        """Wake the writer task: what is queued could not be written directly."""
+        self._lot.unpark_all()
 
     def kick(self, code: int, reason: str) -> None:
         """Close this connection with ``code``: the writer flushes what is queued, then closes.
@@ -121,6 +127,7 @@ class Connection:
         """
         if self._close is None:
             self._close = (code, reason)
+            self.outbox.hold()  # from now on only the writer writes: the rest, then the close
             if self._send_scope is not None:
                 self._send_scope.deadline = min(
                     self._send_scope.deadline, trio.current_time() + CLOSE_GRACE_SECONDS
@@ -184,22 +191,20 @@ class Connection:
     async def _writer(self) -> None:
         outbox, ws = self.outbox, self.ws
         while True:
-            while (self._tail is None and not outbox.pending and self._close is None
-                   and not self._peer_gone):
+            while not outbox.pending and self._close is None and not self._peer_gone:
                 await self._lot.park()
             if self._peer_gone:
                 return
-            if self._tail is not None or outbox.pending:
-                data, self._tail = self._tail, None
-                data = data + self._take() if data is not None else self._take()
-                # From here until the write is done, flush() must not send: frames queued
-                # meanwhile would overtake these (acquiring the stream lock checkpoints).
-                self._writing = True
+            if outbox.pending:
+                # From taking the bytes until they are written, direct sends must wait:
+                # frames queued meanwhile would overtake these.
+                outbox.hold()
                 try:
+                    data = self._take()
                     if data and not await self._write(data):
                         return
                 finally:
-                    self._writing = False
+                    outbox.release()
                 if self._reader_waiting:
                     self._drained.unpark_all()
                 continue
@@ -241,16 +246,20 @@ class Connection:
                 # Backpressure: a client that does not read its answers is not read from
                 # either, so direct answers (never dropped) cannot pile up without bound.
                 while outbox.size > outbox.limit and not outbox.closed:
+                    # The writer drains the queue meanwhile (and wakes this reader).
                     self._reader_waiting = True
+                    outbox.hold()
+                    self._lot.unpark_all()
                     try:
                         await self._drained.park()
                     finally:
                         self._reader_waiting = False
+                        outbox.release()
                 raw = await ws.get_message()
                 self.last_activity = trio.current_time()
                 self.handle(raw)
                 # Handle what trio-websocket has already parsed without yielding, so one
-                # scheduling pass handles a batch and the flusher task (mark_dirty) then
+                # scheduling pass handles a batch and the flusher task (wake_flusher) then
                 # writes each touched connection once for the whole batch.
                 while outbox.size <= outbox.limit:
                     try:

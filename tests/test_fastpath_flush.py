@@ -1,0 +1,124 @@
+"""Direct sends: hold/release, dirty marking, fanout_into and flush, on every implementation.
+
+Real socketpairs stand in for client connections; the peer end reads what ``flush``
+wrote. Both implementations must behave the same (the outputs are compared per
+implementation against the same expectations).
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from types import ModuleType
+
+import pytest
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.settimeout(5)
+    with a, b:
+        yield a, b
+
+
+def _box(impl: ModuleType, fd: int = -1, owner: object = "o", limit: int = 1 << 20) -> object:
+    box = impl.Outbox(limit, impl.ENC_JSON, owner)
+    box.fd = fd
+    return box
+
+
+def test_hold_release_counts_and_refuses_unmatched_release(impl: ModuleType) -> None:
+    box = _box(impl)
+    assert box.holds == 0
+    box.hold()
+    box.hold()
+    assert box.holds == 2
+    box.release()
+    box.release()
+    with pytest.raises(ValueError, match="release\\(\\) without a matching hold\\(\\)"):
+        box.release()
+
+
+def test_mark_dirty_appends_once_until_flushed(impl: ModuleType) -> None:
+    box, dirty = _box(impl), []
+    assert box.mark_dirty(dirty) is True
+    assert box.mark_dirty(dirty) is False
+    assert dirty == [box]
+    assert impl.flush(dirty) == ([], 0)  # nothing pending: nothing to do
+    assert dirty == [] and box.mark_dirty(dirty) is True
+
+
+def test_fanout_into_marks_dirty_once_and_reports_overflow(impl: ModuleType) -> None:
+    members = impl.Members()
+    a, b = _box(impl, owner="a"), _box(impl, owner="b", limit=5)
+    members.add(a)
+    members.add(b)
+    dirty: list[object] = []
+    frame = b"\x81\x03abc"
+    assert impl.fanout_into(members, (frame, None), "k", impl.POLICY_DISCONNECT, 1, dirty) == []
+    assert impl.fanout_into(members, (frame, None), "k", impl.POLICY_DISCONNECT, 2, dirty) == ["b"]
+    assert dirty == [a, b]
+    with pytest.raises(ValueError, match="no frame for encoding 0"):
+        impl.fanout_into(members, (None, frame), "k", impl.POLICY_DISCONNECT, 3, dirty)
+    assert a.size == 2 * len(frame)  # the failed call offered nothing
+
+
+def test_flush_writes_everything_queued_in_one_send(impl: ModuleType, pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = pair
+    box, dirty = _box(impl, a.fileno()), []
+    box.put(b"one")
+    box.offer("k", b"two", impl.POLICY_CONFLATE, 1)
+    box.mark_dirty(dirty)
+    assert impl.flush(dirty) == ([], 6)
+    assert b.recv(100) == b"onetwo"
+    assert not box.pending and box.size == 0
+
+
+@pytest.mark.parametrize("why", ["no-socket", "held", "gap"])
+def test_flush_leaves_to_the_writer(impl: ModuleType, pair: tuple[socket.socket, socket.socket], why: str) -> None:
+    a, b = pair
+    box, dirty = _box(impl, -1 if why == "no-socket" else a.fileno(), limit=4), []
+    box.put(b"ctl")
+    if why == "held":
+        box.hold()
+    if why == "gap":
+        box.offer("k", b"toolarge", impl.POLICY_DROP, 7)
+    box.mark_dirty(dirty)
+    assert impl.flush(dirty) == (["o"], 0)
+    assert box.take() == b"ctl"  # untouched, for the writer
+    b.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        b.recv(100)
+
+
+def test_partial_send_keeps_the_rest_first_in_line(impl: ModuleType, pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = pair
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    box, dirty = _box(impl, a.fileno()), []
+    payload = bytes(range(256)) * 4096  # 1 MiB: more than the socket takes at once
+    box.put(payload)
+    box.mark_dirty(dirty)
+    wake, sent = impl.flush(dirty)
+    assert wake == ["o"] and 0 < sent < len(payload)
+    assert box.size == len(payload) - sent
+    box.put(b"after")
+    rest = box.take()
+    assert rest == payload[sent:] + b"after"
+    received = bytearray()
+    while len(received) < sent:
+        received += b.recv(1 << 20)
+    assert bytes(received) == payload[:sent]
+
+
+def test_flush_to_a_closed_peer_keeps_the_bytes_for_the_writer(impl: ModuleType) -> None:
+    a, b = socket.socketpair()
+    with a:
+        a.setblocking(False)
+        b.close()
+        box, dirty = _box(impl, a.fileno()), []
+        box.put(b"lost?")
+        box.mark_dirty(dirty)
+        assert impl.flush(dirty) == (["o"], 0)
+        assert box.take() == b"lost?"
