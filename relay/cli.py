@@ -18,7 +18,7 @@ from dataclasses import fields
 from importlib import metadata
 
 from ._version import __version__
-from .config import Config, load_config
+from .config import SECRET_KEYS, TABLE_KEYS, Config, load_config
 from .errors import ConfigError
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -64,6 +64,10 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", metavar="N", help="port to listen on, 0 picks a free one (default 8765)")
     parser.add_argument("--log-level", metavar="LEVEL", help="debug, info, warning or error (default info)")
     parser.add_argument("--node-id", metavar="ID", help="this node's id (default: generated at start)")
+    parser.add_argument("--tls-cert", metavar="FILE", help="TLS certificate chain (PEM): serve wss:// and https://")
+    parser.add_argument("--tls-key", metavar="FILE", help="TLS private key (PEM) of --tls-cert")
+    parser.add_argument("--insecure", action="store_true", default=None,
+                        help="allow anonymous clients on a non-loopback address (no authentication configured)")
 
 
 def _load(args: argparse.Namespace) -> Config | None:
@@ -72,6 +76,9 @@ def _load(args: argparse.Namespace) -> Config | None:
         "port": args.port,
         "log_level": args.log_level,
         "node_id": args.node_id,
+        "tls.cert": args.tls_cert,
+        "tls.key": args.tls_key,
+        "insecure": args.insecure,
     }
     try:
         return load_config(args.config, os.environ, flags)
@@ -106,12 +113,29 @@ def _toml_value(value: object) -> str:
     return repr(value)
 
 
+def _toml_item(value: object) -> str:
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    return _toml_value(value)
+
+
 def _config_as_toml(config: Config) -> str:
     lines: list[str] = []
     for f in fields(config):
-        if not f.init or f.name == "channels":
+        if not f.init or f.name == "channels" or f.name in TABLE_KEYS:
             continue
         lines.append(f"{f.name} = {_toml_value(getattr(config, f.name))}")
+    for table in TABLE_KEYS:
+        lines.append("")
+        lines.append(f"[{table}]")
+        section = getattr(config, table)
+        for f in fields(section):
+            value = getattr(section, f.name)
+            if f"{table}.{f.name}" in SECRET_KEYS:
+                # Never print a secret; say whether one is set.
+                lines.append(f"# {f.name} = {'(set, hidden)' if value else '(not set)'}")
+            else:
+                lines.append(f"{f.name} = {_toml_item(value)}")
     for options in config.channels:
         lines.append("")
         lines.append("[[channels]]")

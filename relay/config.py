@@ -29,6 +29,7 @@ MODES = ("stream", "state", "poke")
 SLOW_CONSUMER_POLICIES = ("disconnect", "drop", "conflate")
 DEFAULT_SLOW_CONSUMER = {"stream": "disconnect", "state": "conflate", "poke": "conflate"}
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 
 ENV_PREFIX = "RELAY_"
 CONFIG_PATH_ENV = "RELAY_CONFIG"
@@ -40,6 +41,12 @@ MAX_CHANNEL_LENGTH_LIMIT = 1024
 CHANNEL_CACHE_ENTRIES = 10_000
 
 _NODE_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+#: An allowed_origins entry: "*", "null", or scheme://host[:port] where host and port may use *.
+_ORIGIN_PATTERN_RE = re.compile(r"\*|null|[A-Za-z][A-Za-z0-9+.-]*://[A-Za-z0-9*._-]+(?::(?:[0-9]+|\*))?")
+#: Shortest jwt_secret accepted (HS256 needs at least the hash size, RFC 7518 section 3.2).
+MIN_JWT_SECRET_BYTES = 32
+#: Shortest API key accepted.
+MIN_API_KEY_LENGTH = 16
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,60 @@ class ChannelOptions:
 
 
 @dataclass(frozen=True)
+class AuthConfig:
+    """The ``[auth]`` table: who may connect and publish.
+
+    Secrets (``jwt_secret``, ``api_keys``) are left out of ``repr`` so they never reach
+    a log line or a traceback.
+    """
+
+    jwt_secret: str = field(default="", repr=False)
+    jwt_secret_file: str = ""
+    jwt_public_key_file: str = ""
+    jwks_file: str = ""
+    jwt_audience: str = ""
+    jwt_issuer: str = ""
+    jwt_leeway: float = 0.0
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    api_keys_file: str = ""
+    allowed_origins: tuple[str, ...] = ()
+
+    @property
+    def jwt_configured(self) -> bool:
+        """Whether WebSocket clients need a token (some JWT key is configured)."""
+        return bool(self.jwt_secret or self.jwt_secret_file or self.jwt_public_key_file or self.jwks_file)
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """The ``[limits]`` table: what one client, one address and the whole server may use.
+
+    A limit of 0 is off (no limit).
+    """
+
+    messages_per_second: float = 100.0
+    messages_burst: int = 200
+    bytes_per_second: int = 1048576
+    bytes_burst: int = 2097152
+    rate_limit_strikes: int = 10
+    max_subscriptions: int = 128
+    max_connections_per_ip: int = 1000
+    max_connections: int = 100000
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """The ``[tls]`` table: certificate chain and private key files (PEM); both or neither."""
+
+    cert: str = ""
+    key: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert)
+
+
+@dataclass(frozen=True)
 class Config:
     """The server's settings. Build it with :func:`load_config`, which validates every field.
 
@@ -83,6 +144,11 @@ class Config:
     max_channel_length: int = 255
     drain_timeout: float = 10.0
     drain_window: float = 5.0
+    insecure: bool = False
+    log_format: str = "text"
+    auth: AuthConfig = AuthConfig()
+    limits: LimitsConfig = LimitsConfig()
+    tls: TlsConfig = TlsConfig()
     channels: tuple[ChannelOptions, ...] = ()
     _channel_cache: dict[str, ChannelOptions] = field(
         default_factory=dict, init=False, repr=False, compare=False, hash=False
@@ -145,6 +211,8 @@ class _Spec:
     expected: str
     check: Callable[[Any], bool] = lambda value: True
     normalize: Callable[[Any], Any] = lambda value: value
+    #: Never show the value in an error message (it is a secret).
+    secret: bool = False
 
 
 def _int_range(low: int, high: int | None = None) -> _Spec:
@@ -159,6 +227,20 @@ def _positive_seconds() -> _Spec:
 
 def _non_negative_seconds() -> _Spec:
     return _Spec(float, "a number of seconds >= 0", lambda v: v >= 0)
+
+
+def _path() -> _Spec:
+    return _Spec(str, "a file path, or an empty string for none", lambda v: v == v.strip())
+
+
+def _limit(kind: type = int) -> _Spec:
+    noun = "an integer" if kind is int else "a number"
+    return _Spec(kind, f"{noun} >= 0 (0 turns the limit off)", lambda v: v >= 0)
+
+
+def _strings(expected: str, item_ok: Callable[[str], bool], *, secret: bool = False) -> _Spec:
+    """A list of strings: a TOML array, or comma-separated text in the environment."""
+    return _Spec(tuple, expected, lambda v: all(item_ok(item) for item in v), secret=secret)
 
 
 def _one_of(choices: Sequence[str], *, fold_case: bool = False) -> _Spec:
@@ -186,7 +268,55 @@ _CONFIG_SPECS: dict[str, _Spec] = {
     "max_channel_length": _int_range(1, MAX_CHANNEL_LENGTH_LIMIT),
     "drain_timeout": _non_negative_seconds(),
     "drain_window": _non_negative_seconds(),
+    "insecure": _Spec(bool, "true or false"),
+    "log_format": _one_of(LOG_FORMATS, fold_case=True),
 }
+
+_AUTH_SPECS: dict[str, _Spec] = {
+    "jwt_secret": _Spec(
+        str, f"a secret of at least {MIN_JWT_SECRET_BYTES} bytes (generate one with: openssl rand -hex 32)",
+        lambda v: len(v.encode()) >= MIN_JWT_SECRET_BYTES, secret=True),
+    "jwt_secret_file": _path(),
+    "jwt_public_key_file": _path(),
+    "jwks_file": _path(),
+    "jwt_audience": _Spec(str, "a string (empty: tokens must have no aud claim)"),
+    "jwt_issuer": _Spec(str, "a string (empty: any iss)"),
+    "jwt_leeway": _non_negative_seconds(),
+    "api_keys": _strings(
+        f"a list of API keys of at least {MIN_API_KEY_LENGTH} characters, without spaces or commas",
+        lambda k: len(k) >= MIN_API_KEY_LENGTH and k.isprintable() and not any(c.isspace() or c == "," for c in k),
+        secret=True),
+    "api_keys_file": _path(),
+    "allowed_origins": _strings(
+        "a list of origins such as 'https://game.example.com', 'https://*.example.com', "
+        "'http://localhost:*', 'null' or '*' (any origin)",
+        lambda o: _ORIGIN_PATTERN_RE.fullmatch(o) is not None),
+}
+
+_LIMITS_SPECS: dict[str, _Spec] = {
+    "messages_per_second": _limit(float),
+    "messages_burst": _int_range(1),
+    "bytes_per_second": _limit(),
+    "bytes_burst": _int_range(1),
+    "rate_limit_strikes": _int_range(1),
+    "max_subscriptions": _limit(),
+    "max_connections_per_ip": _limit(),
+    "max_connections": _limit(),
+}
+
+_TLS_SPECS: dict[str, _Spec] = {
+    "cert": _path(),
+    "key": _path(),
+}
+
+#: The tables of the config file: name -> (dataclass, specs of its keys).
+_TABLES: dict[str, tuple[type, dict[str, _Spec]]] = {
+    "auth": (AuthConfig, _AUTH_SPECS),
+    "limits": (LimitsConfig, _LIMITS_SPECS),
+    "tls": (TlsConfig, _TLS_SPECS),
+}
+#: Keys that hold secrets: refused as flags (other users see flags in ps).
+SECRET_KEYS = ("auth.jwt_secret", "auth.api_keys")
 
 _CHANNEL_SPECS: dict[str, _Spec] = {
     "pattern": _Spec(str, "a glob such as 'chat.*'"),  # checked further by _pattern_problem
@@ -199,12 +329,29 @@ _CHANNEL_SPECS: dict[str, _Spec] = {
 
 CONFIG_KEYS: tuple[str, ...] = tuple(f.name for f in fields(Config) if f.init)
 CHANNEL_KEYS: tuple[str, ...] = tuple(f.name for f in fields(ChannelOptions))
+#: Table name -> its keys, in declaration order.
+TABLE_KEYS: dict[str, tuple[str, ...]] = {
+    name: tuple(f.name for f in fields(cls)) for name, (cls, _specs) in _TABLES.items()
+}
 
-assert set(CONFIG_KEYS) == set(_CONFIG_SPECS) | {"channels"}
+assert set(CONFIG_KEYS) == set(_CONFIG_SPECS) | {"channels"} | set(_TABLES)
 assert set(CHANNEL_KEYS) == set(_CHANNEL_SPECS)
+assert all(set(TABLE_KEYS[name]) == set(specs) for name, (_cls, specs) in _TABLES.items())
 
 
 # --------------------------------------------------------------------------- errors
+
+
+class _Hidden:
+    """Stands in for a secret in error messages."""
+
+    def __repr__(self) -> str:
+        return "(hidden)"
+
+
+_HIDDEN = _Hidden()
+_TRUE_WORDS = ("true", "1", "yes", "on")
+_FALSE_WORDS = ("false", "0", "no", "off")
 
 
 def _show(value: object) -> str:
@@ -247,8 +394,20 @@ def _coerce(spec: _Spec, value: object, *, source: str, key: str, from_text: boo
 
     ``from_text`` values (environment variables, string flags) are parsed from strings;
     others (TOML, JSON, typed flags) must already have the right type. ``bool`` is refused
-    where a number is expected even though it is an ``int`` subclass.
+    where a number is expected even though it is an ``int`` subclass. A list (``tuple``
+    kind) is a TOML array of strings, or comma-separated text. A secret's value is never
+    shown in the error.
     """
+    if spec.secret:
+        shown: object = _HIDDEN
+        try:
+            return _coerce_value(spec, value, source=source, key=key, from_text=from_text)
+        except ConfigError:
+            raise _not_allowed(source, key, shown, spec.expected) from None
+    return _coerce_value(spec, value, source=source, key=key, from_text=from_text)
+
+
+def _coerce_value(spec: _Spec, value: object, *, source: str, key: str, from_text: bool) -> Any:
     result: Any
     if spec.kind is str:
         if not isinstance(value, str):
@@ -257,6 +416,15 @@ def _coerce(spec: _Spec, value: object, *, source: str, key: str, from_text: boo
     elif spec.kind is bool:
         if isinstance(value, bool):
             result = value
+        elif from_text and isinstance(value, str) and value.strip().lower() in _TRUE_WORDS + _FALSE_WORDS:
+            result = value.strip().lower() in _TRUE_WORDS
+        else:
+            raise _not_allowed(source, key, value, spec.expected)
+    elif spec.kind is tuple:
+        if from_text and isinstance(value, str):
+            result = tuple(item.strip() for item in value.split(",")) if value.strip() else ()
+        elif isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value):
+            result = tuple(value)
         else:
             raise _not_allowed(source, key, value, spec.expected)
     elif spec.kind is int:
@@ -389,6 +557,15 @@ def _file_layer(path: str, *, named_by_env: bool) -> _Layer:
     for key, value in data.items():
         if key == "channels":
             layer[key] = (_parse_channels(value, source), source)
+        elif key in _TABLES:
+            _, specs = _TABLES[key]
+            if not isinstance(value, dict):
+                raise _not_allowed(source, key, value, f"a table ([{key}] in TOML) with the keys {', '.join(TABLE_KEYS[key])}")
+            for sub, sub_value in value.items():
+                if sub not in specs:
+                    raise _unknown_key(source, key, str(sub), TABLE_KEYS[key])
+                full = f"{key}.{sub}"
+                layer[full] = (_coerce(specs[sub], sub_value, source=source, key=full, from_text=False), source)
         elif key in _CONFIG_SPECS:
             layer[key] = (_coerce(_CONFIG_SPECS[key], value, source=source, key=key, from_text=False), source)
         else:
@@ -398,7 +575,16 @@ def _file_layer(path: str, *, named_by_env: bool) -> _Layer:
 
 def _env_layer(env: Mapping[str, str]) -> _Layer:
     layer: _Layer = {}
+    for table, (_cls, specs) in _TABLES.items():
+        for sub, spec in specs.items():
+            name = f"{ENV_PREFIX}{table.upper()}_{sub.upper()}"
+            if name in env:
+                full = f"{table}.{sub}"
+                source = f"environment variable {name}"
+                layer[full] = (_coerce(spec, env[name], source=source, key=full, from_text=True), source)
     for key in CONFIG_KEYS:
+        if key in _TABLES:
+            continue
         name = ENV_PREFIX + key.upper()
         if name not in env:
             continue
@@ -420,21 +606,66 @@ def _env_layer(env: Mapping[str, str]) -> _Layer:
     return layer
 
 
+def _flag_spec(key: str) -> _Spec | None:
+    """Return the spec of a flag's key (``port``, or ``tls.cert`` for a table key), or None."""
+    table, dot, sub = key.partition(".")
+    if dot:
+        return _TABLES[table][1].get(sub) if table in _TABLES else None
+    return _CONFIG_SPECS.get(key)
+
+
 def _flag_layer(flags: Mapping[str, object]) -> _Layer:
+    """Check flag values; keys are field names, ``table.key`` for table keys (``tls.cert``
+    is the flag ``--tls-cert``). Secrets are refused: flags show in ``ps``."""
     layer: _Layer = {}
     for key, value in flags.items():
         if value is None:
             continue
-        source = f"flag --{key.replace('_', '-')}"
+        source = f"flag --{key.replace('_', '-').replace('.', '-')}"
+        if key in SECRET_KEYS:
+            env_name = ENV_PREFIX + key.replace(".", "_").upper()
+            raise ConfigError(
+                f"{source}: {key} cannot be given as a flag (other users can read flags with ps); "
+                f"use the config file, the environment variable {env_name} or {key}_file",
+                key=key,
+                source=source,
+            )
+        spec = _flag_spec(key)
         if key == "channels":
             layer[key] = (_parse_channels(value, source), source)
-        elif key in _CONFIG_SPECS:
-            spec = _CONFIG_SPECS[key]
+        elif spec is not None:
             from_text = isinstance(value, str) and spec.kind is not str
             layer[key] = (_coerce(spec, value, source=source, key=key, from_text=from_text), source)
         else:
             raise _unknown_key(source, "", key, CONFIG_KEYS)
     return layer
+
+
+def _check_pairs(merged: _Layer) -> None:
+    """Check keys that exclude or need each other."""
+    def given(key: str) -> tuple[Any, str] | None:
+        found = merged.get(key)
+        return found if found is not None and found[0] not in ("", ()) else None
+
+    for one, other in (("auth.jwt_secret", "auth.jwt_secret_file"), ("auth.api_keys", "auth.api_keys_file")):
+        a, b = given(one), given(other)
+        if a is not None and b is not None:
+            raise ConfigError(
+                f"{b[1]}: {other} is not allowed together with {one} (from {a[1]}); set only one of them",
+                key=other,
+                source=b[1],
+            )
+    cert, key = given("tls.cert"), given("tls.key")
+    if (cert is None) != (key is None):
+        missing, present = ("tls.key", cert) if key is None else ("tls.cert", key)
+        assert present is not None
+        have = "tls.cert" if key is None else "tls.key"
+        raise ConfigError(
+            f"{present[1]}: {have} is set but {missing} is not; TLS needs both the certificate "
+            "chain and its private key (PEM files)",
+            key=missing,
+            source=present[1],
+        )
 
 
 def _check_send_queue(merged: _Layer) -> None:
@@ -506,13 +737,26 @@ def load_config(
         merged.update(layer)
 
     _check_send_queue(merged)
-    return Config(**{key: value for key, (value, _source) in merged.items()})
+    _check_pairs(merged)
+    values: dict[str, Any] = {key: value for key, (value, _source) in merged.items() if "." not in key}
+    for table, (cls, _specs) in _TABLES.items():
+        prefix = table + "."
+        sub_values = {key[len(prefix):]: value for key, (value, _s) in merged.items() if key.startswith(prefix)}
+        if sub_values:
+            values[table] = cls(**sub_values)
+    return Config(**values)
 
 
 __all__ = [
     "CHANNEL_KEYS",
     "CONFIG_KEYS",
+    "SECRET_KEYS",
+    "TABLE_KEYS",
+    "AuthConfig",
+    "LimitsConfig",
+    "TlsConfig",
     "DEFAULT_SLOW_CONSUMER",
+    "LOG_FORMATS",
     "LOG_LEVELS",
     "MODES",
     "SLOW_CONSUMER_POLICIES",

@@ -6,8 +6,11 @@
     ├── ConfigError                 bad configuration (names the key, the source, what is allowed)
     └── PeerError                   the peer did something wrong; carries the wire answer
         ├── BadRequest              malformed or invalid message      -> error code "bad_request"
+        ├── Unauthorized            missing or invalid token          -> error code "unauthorized"
+        │                           (at the handshake: HTTP 401 whose body names the ``reason``)
         ├── Forbidden               not allowed                       -> error code "forbidden"
-        └── TooLarge                message over a size limit         -> error code "too_large"
+        ├── TooLarge                message over a size limit         -> error code "too_large"
+        └── RateLimited             over a rate limit                 -> error code "rate_limited"
 
 A :class:`PeerError` carries the protocol ``code`` and the request's ``ref`` so the
 shell can answer without guessing. This module imports nothing from trio.
@@ -52,6 +55,22 @@ class BadRequest(PeerError):
     code = "bad_request"
 
 
+class Unauthorized(PeerError):
+    """The token is missing or invalid (``unauthorized``).
+
+    ``reason`` says which check failed, as one word the HTTP 401 body carries:
+    ``missing``, ``malformed``, ``alg_none``, ``algorithm_not_allowed``, ``unknown_key``,
+    ``bad_signature``, ``expired``, ``not_yet_valid``, ``wrong_audience``, ``wrong_issuer``,
+    ``missing_claim``, ``bad_claims`` or (on ``refresh``) ``wrong_user``.
+    """
+
+    code = "unauthorized"
+
+    def __init__(self, message: str, *, reason: str, ref: Any = None) -> None:
+        super().__init__(message, ref=ref)
+        self.reason = reason
+
+
 class Forbidden(PeerError):
     """The client may not do this (``forbidden``)."""
 
@@ -64,4 +83,13 @@ class TooLarge(PeerError):
     code = "too_large"
 
 
-__all__ = ["RelayError", "ConfigError", "PeerError", "BadRequest", "Forbidden", "TooLarge"]
+class RateLimited(PeerError):
+    """The client sends faster than its limits allow (``rate_limited``)."""
+
+    code = "rate_limited"
+
+
+__all__ = [
+    "RelayError", "ConfigError", "PeerError", "BadRequest", "Unauthorized", "Forbidden",
+    "TooLarge", "RateLimited",
+]
