@@ -99,6 +99,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         exit_code: int = trio.run(run_server, config)
+    except ConfigError as exc:
+        # Found when the server starts: unreadable key files, no auth on a public address.
+        print(f"relay: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         # Ctrl+C that run_server did not turn into a drain: exit quietly, no traceback.
         return EXIT_INTERRUPTED

@@ -22,6 +22,7 @@ from ..config import Config, effective_node_id
 from ..metrics import Metrics
 from .frontdoor import handle_stream
 from .hub import Hub
+from .security import build_security, build_ssl_context
 from .ws import CLOSE_GOING_AWAY, Connection
 
 log = logging.getLogger("relay.server")
@@ -37,6 +38,11 @@ class RelayServer:
         self.config = config
         self.node_id = effective_node_id(config)
         self.metrics = Metrics(self.node_id)
+        #: Authentication, origins and connection caps (raises ConfigError for unusable
+        #: key files or anonymous clients on a public address without ``insecure``).
+        self.security = build_security(config)
+        #: TLS context when ``[tls]`` is configured: every connection is TLS.
+        self.ssl_context = build_ssl_context(config)
         self.hub = Hub(config, self.metrics)
         self.metrics.bind_channels(lambda: self.hub.statistics().channels)
         self.connections: dict[str, Connection] = {}
@@ -53,13 +59,13 @@ class RelayServer:
 
     @property
     def url(self) -> str:
-        """The WebSocket URL clients use, e.g. ``ws://127.0.0.1:8765/ws``."""
-        return f"ws://{self._netloc}/ws"
+        """The WebSocket URL clients use, e.g. ``ws://127.0.0.1:8765/ws`` (``wss://`` with TLS)."""
+        return f"{'wss' if self.ssl_context else 'ws'}://{self._netloc}/ws"
 
     @property
     def http_url(self) -> str:
-        """The base URL of the HTTP API, e.g. ``http://127.0.0.1:8765``."""
-        return f"http://{self._netloc}"
+        """The base URL of the HTTP API, e.g. ``http://127.0.0.1:8765`` (``https://`` with TLS)."""
+        return f"{'https' if self.ssl_context else 'http'}://{self._netloc}"
 
     @property
     def _netloc(self) -> str:

@@ -19,6 +19,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection
 
+from ..core.auth import Identity
 from ..core.codec import BY_SUBPROTOCOL, JSON, SUPPORTED_SUBPROTOCOLS, Codec, negotiate
 from . import http_api
 from .ws import CLOSE_GRACE_SECONDS, CLOSE_INTERNAL_ERROR, Connection
@@ -38,15 +39,19 @@ WS_PATH = "/ws"
 
 
 class ReplayStream(trio.abc.Stream):
-    """A stream that first returns bytes already read from ``inner``, then reads ``inner``."""
+    """A stream that first returns bytes already read from ``inner``, then reads ``inner``.
 
-    def __init__(self, inner: trio.SocketStream, prefix: bytes) -> None:
+    ``socket`` is the raw socket only when ``inner`` is a plain socket stream: under TLS
+    it is None, so nobody writes around the encryption (see ``Connection``'s direct sends).
+    """
+
+    def __init__(self, inner: trio.abc.Stream, prefix: bytes) -> None:
         self._inner = inner
         self._prefix = prefix
 
     @property
-    def socket(self) -> trio.socket.SocketType:
-        return self._inner.socket
+    def socket(self) -> trio.socket.SocketType | None:
+        return self._inner.socket if isinstance(self._inner, trio.SocketStream) else None
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._prefix:
@@ -148,10 +153,20 @@ class _Reader:
 
 
 async def handle_stream(server: RelayServer, stream: trio.SocketStream) -> None:
-    """Serve one TCP connection until it closes; never raises."""
+    """Serve one TCP connection until it closes; never raises.
+
+    With TLS configured the stream is wrapped in a ``trio.SSLStream`` first; its
+    handshake happens within ``handshake_timeout``, on the first read.
+    """
     peer = _peer(stream)
+    if server.ssl_context is not None:
+        stream = trio.SSLStream(stream, server.ssl_context, server_side=True, https_compatible=True)
     try:
         await _serve(server, stream, peer)
+    except trio.BrokenResourceError as exc:
+        # The peer reset the connection, or the TLS handshake failed (an untrusted
+        # certificate, plain HTTP on a TLS port): bad input, not a server error.
+        log.debug("dropped %s: %s", peer, exc.__cause__ or exc)
     except Exception:
         log.exception("unexpected error serving %s", peer)
     finally:
@@ -194,6 +209,7 @@ async def _serve(server: RelayServer, stream: trio.SocketStream, peer: str) -> N
                 reader.keep_raw = False
                 method = event.method.decode("ascii", "replace")
                 target = event.target.decode("ascii", "replace")
+                headers = event.headers
                 body = await reader.read_body(cfg.max_message_size)
             except h11.RemoteProtocolError as exc:
                 if reader.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
@@ -210,7 +226,7 @@ async def _serve(server: RelayServer, stream: trio.SocketStream, peer: str) -> N
                 413, "too_large", f"body exceeds max_message_size={cfg.max_message_size:,} bytes")
             route_name, close = "too_large", True
         else:
-            route_name, response = http_api.route(server, method, target, body)
+            route_name, response = http_api.route(server, method, target, body, headers)
             close = server.draining
         server.metrics.http_requests.labels(route_name, str(response.status)).inc()
         await _send(reader, response, method=method, close=close)
@@ -232,6 +248,19 @@ async def _upgrade(server: RelayServer, reader: _Reader, request: h11.Request, p
         await _send(reader, http_api.error_response(
             404, "not_found", f"WebSocket endpoint is {WS_PATH}"), close=True)
         return
+    admission = server.security.check_upgrade(request.headers, request.target, peer, metrics)
+    if isinstance(admission, http_api.Response):
+        await _send(reader, admission, close=True)
+        return
+    try:
+        await _accept(server, reader, peer, handshake, admission.identity)
+    finally:
+        server.security.release(admission)
+
+
+async def _accept(server: RelayServer, reader: _Reader, peer: str, handshake: trio.CancelScope,
+                  identity: Identity) -> None:
+    """Complete the WebSocket handshake of an admitted upgrade and serve the connection."""
     stream = ReplayStream(reader.stream, bytes(reader.raw))
     async with trio.open_nursery() as nursery:
         try:
@@ -242,7 +271,7 @@ async def _upgrade(server: RelayServer, reader: _Reader, request: h11.Request, p
             nursery.cancel_scope.cancel()
             return
         handshake.deadline = float("inf")
-        conn = Connection(server, ws, codec_of(ws), peer)
+        conn = Connection(server, ws, codec_of(ws), peer, identity)
         server.add_connection(conn)
         log.debug("connection %s from %s: open (%s)", conn.id, peer, conn.codec.name)
         try:

@@ -8,6 +8,7 @@ the front door owns the socket and h11. Errors are JSON objects
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -46,8 +47,13 @@ def error_response(status: int, code: str, message: str) -> Response:
 _STATUS_BY_CODE = {"bad_request": 400, "forbidden": 403, "too_large": 413, "unknown_channel": 404}
 
 
-def route(server: RelayServer, method: str, target: str, body: bytes) -> tuple[str, Response]:
-    """Answer one request; return the route name (for metrics) and the response."""
+def route(server: RelayServer, method: str, target: str, body: bytes,
+          headers: Sequence[tuple[bytes, bytes]] = ()) -> tuple[str, Response]:
+    """Answer one request; return the route name (for metrics) and the response.
+
+    ``headers`` are the request's (lower-case names, as h11 gives them); the publish and
+    history routes check them for an API key or a token (``relay.server.security``).
+    """
     path = urlsplit(target).path
     query = parse_qs(urlsplit(target).query, keep_blank_values=True)
     if path == "/healthz":
@@ -64,11 +70,17 @@ def route(server: RelayServer, method: str, target: str, body: bytes) -> tuple[s
     if path == "/api/publish":
         if method != "POST":
             return "publish", _not_allowed("POST")
+        refusal = server.security.check_origin(headers) or server.security.check_api_key(headers)
+        if refusal is not None:
+            return "publish", refusal
         return "publish", _publish(server, body)
     if path.startswith(HISTORY_PREFIX) and path.endswith(HISTORY_SUFFIX):
         if (r := _only_get(method)) is not None:
             return "history", r
         channel = unquote(path[len(HISTORY_PREFIX):-len(HISTORY_SUFFIX)])
+        refusal = server.security.check_reader(headers, target, channel)
+        if refusal is not None:
+            return "history", refusal
         return "history", _history(server, channel, query)
     return "not_found", error_response(404, "not_found", f"no route for {path}")
 

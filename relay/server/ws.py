@@ -26,8 +26,10 @@ from wsproto.connection import ConnectionState
 from .. import fastpath
 from ..core import envelope
 from ..core.codec import Codec, check_json_compatible
-from ..errors import BadRequest, Forbidden, PeerError
+from ..core.auth import ANONYMOUS, Identity
+from ..errors import Forbidden, PeerError
 from .hub import with_ref
+from .security import Guard
 
 if TYPE_CHECKING:
     from .app import RelayServer
@@ -77,7 +79,8 @@ class _HoldingLock:
 class Connection:
     """A client connected over WebSocket; owns its reader, writer and heartbeat tasks."""
 
-    def __init__(self, server: RelayServer, ws: WebSocketConnection, codec: Codec, remote: str) -> None:
+    def __init__(self, server: RelayServer, ws: WebSocketConnection, codec: Codec, remote: str,
+                 identity: Identity = ANONYMOUS) -> None:
         cfg = server.config
         self.server = server
         self.ws = ws
@@ -86,6 +89,8 @@ class Connection:
         self.id = secrets.token_hex(8)
         self.outbox = fastpath.Outbox(cfg.send_queue_size, codec.encoding, self)
         self.subscriptions: set[str] = set()
+        #: Who the client is, its rate limits and its token's expiry (relay.server.security).
+        self.guard = Guard(server.security, identity, trio.current_time())
         self.started_at = time.time()
         self.last_activity = trio.current_time()
         self._lot = trio.lowlevel.ParkingLot()
@@ -156,6 +161,7 @@ class Connection:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._reader)
                 nursery.start_soon(self._heartbeat)
+                nursery.start_soon(self.guard.watch_expiry, self)
                 await self._writer()
                 nursery.cancel_scope.cancel()
         finally:
@@ -292,6 +298,8 @@ class Connection:
     def handle(self, raw: str | bytes) -> None:
         """Handle one client message; a bad one gets an ``error`` and the connection stays."""
         metrics = self.server.metrics
+        if not self.guard.admit(self, raw):
+            return  # over its rate limits: answered rate_limited, or closing with 4003
         try:
             env = envelope.parse(
                 self.codec.decode(raw), max_channel_length=self.server.config.max_channel_length
@@ -310,6 +318,7 @@ class Connection:
                 raise Forbidden(
                     f"clients may not publish to {env.channel!r}; its channel pattern "
                     f"{ch_opts.pattern!r} has client_publish = false", ref=env.ref)
+            self.guard.check_publish(env.channel, env.ref)
             try:
                 check_json_compatible(env.data)
             except PeerError as exc:
@@ -321,6 +330,7 @@ class Connection:
                 self.send({"type": "ack", "ref": env.ref, "channel": env.channel,
                            "offset": pub.offset, "epoch": ch.log.epoch})
         elif isinstance(env, envelope.Subscribe):
+            self.guard.check_subscribe(env.channel, self.subscriptions, env.ref)
             server.hub.subscribe(self, env.channel, env.since, env.ref, now)
         elif isinstance(env, envelope.Unsubscribe):
             server.hub.unsubscribe(self, env.channel, now)
@@ -328,6 +338,5 @@ class Connection:
         elif isinstance(env, envelope.Ping):
             self.send(with_ref({"type": "pong"}, env.ref))
         elif isinstance(env, envelope.Refresh):
-            raise BadRequest(
-                "token refresh is not available: this server has no authentication configured",
-                ref=env.ref)
+            self.guard.refresh(self, env.token, env.ref,
+                               lambda channel: server.hub.unsubscribe(self, channel, now))

@@ -17,15 +17,21 @@ import pytest
 import trio
 from websockets.trio.client import ClientConnection, connect
 
-from relay.config import ChannelOptions, Config
+from relay.config import ChannelOptions, Config, LimitsConfig
 from relay.server.app import RelayServer
 
 JSON_PROTO = "relay.v1.json"
 MSGPACK_PROTO = "relay.v1.msgpack"
 
 
+#: The tests that flood on purpose (slow consumers, batching) would trip the default
+#: per-connection rate limits; tests about limits pass their own ``limits``.
+UNLIMITED_RATES = LimitsConfig(messages_per_second=0, bytes_per_second=0)
+
+
 @asynccontextmanager
 async def running_server(**overrides: Any) -> AsyncIterator[RelayServer]:
+    overrides.setdefault("limits", UNLIMITED_RATES)
     channels = overrides.pop("channels", ())
     cfg = Config(host="127.0.0.1", port=0, node_id="test", channels=tuple(
         c if isinstance(c, ChannelOptions) else ChannelOptions(**c) for c in channels
@@ -87,13 +93,15 @@ class Client:
 
 
 @asynccontextmanager
-async def open_client(server: RelayServer, encoding: str = "json", **kwargs: Any) -> AsyncIterator[Client]:
+async def open_client(server: RelayServer, encoding: str = "json", uri_path: str = "/ws",
+                      **kwargs: Any) -> AsyncIterator[Client]:
     if encoding == "msgpack":
         kwargs.setdefault("subprotocols", [MSGPACK_PROTO])
     elif encoding == "json-explicit":
         kwargs.setdefault("subprotocols", [JSON_PROTO])
         encoding = "json"
-    async with connect(server.url, **kwargs) as ws:
+    url = server.url[: -len("/ws")] + uri_path
+    async with connect(url, **kwargs) as ws:
         client = Client(ws, encoding)
         client.welcome = await client.recv()
         assert client.welcome["type"] == "welcome"
