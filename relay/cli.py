@@ -1,4 +1,4 @@
-"""The ``relay`` command line: ``serve``, ``check-config`` and ``version``.
+"""The ``relay`` command line: ``serve``, ``check-config``, ``version`` and ``bench``.
 
 It parses arguments, loads the configuration (:func:`relay.config.load_config`), sets up
 logging and hands over to the server. It owns no protocol logic; the server module is
@@ -53,6 +53,8 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_config_flags(check)
 
     commands.add_parser("version", help="print relay's version and those of its libraries")
+    # Listed for --help only: main() hands "bench" and everything after it to relay.bench.
+    commands.add_parser("bench", help="run the end-to-end load benchmark (relay bench --help)", add_help=False)
     return parser
 
 
@@ -182,9 +184,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         0 on success, 2 for bad usage or a bad configuration, otherwise the server's code.
     """
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["bench"]:
+        from .bench import main as bench_main  # lazy: only bench needs it
+
+        return bench_main(args_list[1:])
     parser = _build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(args_list)
     except SystemExit as exc:
         # argparse exits after printing --help (code 0) or a usage error (code 2); return
         # the code instead so callers of main() get an int either way.

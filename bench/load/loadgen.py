@@ -54,6 +54,12 @@ CONNECT_SECONDS = 120.0
 CONNECT_BATCH = 50
 RECV_BYTES = 1 << 18
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+#: The same settings as `relay bench` (relay/bench.py): limits off for the benchmark's clients.
+RELAY_BENCH_ENV = {
+    "RELAY_LIMITS_MESSAGES_PER_SECOND": "0",
+    "RELAY_LIMITS_BYTES_PER_SECOND": "0",
+    "RELAY_LIMITS_MAX_CONNECTIONS_PER_IP": "0",
+}
 
 
 # -- WebSocket client helpers (loopback only, no extensions) ---------------------------------
@@ -498,6 +504,10 @@ class Server:
         env.pop("RELAY_PURE_PYTHON", None)
         if pure:
             env["RELAY_PURE_PYTHON"] = "1"
+        # relay's per-client limits (100 msg/s, 1,000 connections per address by default)
+        # would stop the benchmark's own publisher and subscribers; unknown to older relays.
+        for key, value in RELAY_BENCH_ENV.items():
+            env.setdefault(key, value)
         cmd = [sys.executable, "-m", "relay", "serve", "--host", "127.0.0.1", "--port", "0",
                "--node-id", "b1"]
         self.pinned = False
