@@ -31,7 +31,7 @@ from urllib.parse import parse_qs, urlsplit
 import trio
 
 from ..config import MIN_API_KEY_LENGTH, Config
-from ..core.auth import ANONYMOUS, Identity, TokenVerifier, verify_refresh
+from ..core.auth import ANONYMOUS, Identity, TokenVerifier, load_jwks, load_public_key, verify_refresh
 from ..core.codec import Codec
 from ..core.envelope import Ref, parse_ref
 from ..core.ratelimit import MessageLimiter, RateLimits, Verdict
@@ -500,14 +500,23 @@ def build_verifier(config: Config) -> TokenVerifier | None:
         secret = _read(auth.jwt_secret_file, "auth.jwt_secret_file").rstrip(b"\r\n")
     public_key = _read(auth.jwt_public_key_file, "auth.jwt_public_key_file") if auth.jwt_public_key_file else None
     jwks = _read(auth.jwks_file, "auth.jwks_file") if auth.jwks_file else None
-    try:
-        return TokenVerifier(secret=secret, public_key=public_key, jwks=jwks,
-                             audience=auth.jwt_audience or None, issuer=auth.jwt_issuer or None,
-                             leeway=auth.jwt_leeway)
-    except ValueError as exc:
-        key = ("auth.jwt_secret_file" if auth.jwt_secret_file else "auth.jwt_secret") if "secret" in str(exc) else (
-            "auth.jwks_file" if auth.jwks_file and not public_key else "auth.jwt_public_key_file")
-        raise ConfigError(f"{key}: the key cannot be used: {exc}", key=key) from None
+    # Check each key on its own first, so the error names the key that is wrong.
+    checks: list[tuple[str, Callable[[], object]]] = []
+    if secret is not None:
+        checks.append(("auth.jwt_secret_file" if auth.jwt_secret_file else "auth.jwt_secret",
+                       lambda: TokenVerifier(secret=secret)))
+    if public_key is not None:
+        checks.append(("auth.jwt_public_key_file", lambda: load_public_key(public_key)))
+    if jwks is not None:
+        checks.append(("auth.jwks_file", lambda: load_jwks(jwks)))
+    for key, check in checks:
+        try:
+            check()
+        except ValueError as exc:
+            raise ConfigError(f"{key}: the key cannot be used: {exc}", key=key) from None
+    return TokenVerifier(secret=secret, public_key=public_key, jwks=jwks,
+                         audience=auth.jwt_audience or None, issuer=auth.jwt_issuer or None,
+                         leeway=auth.jwt_leeway)
 
 
 def build_security(config: Config) -> Security:

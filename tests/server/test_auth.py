@@ -200,6 +200,14 @@ def test_unreadable_or_unusable_key_files_stop_the_server(tmp_path: Path) -> Non
     bad_pem.write_text("not a key")
     with pytest.raises(ConfigError, match="auth.jwt_public_key_file.*not a PEM public key"):
         RelayServer(Config(auth=AuthConfig(jwt_public_key_file=str(bad_pem))))
+    small = tmp_path / "small.pem"
+    small.write_bytes(_public_pem(rsa.generate_private_key(public_exponent=65537, key_size=1024)))
+    with pytest.raises(ConfigError, match="auth.jwt_public_key_file: the key cannot be used: the RSA key has 1024 bits"):
+        RelayServer(Config(auth=AuthConfig(jwt_secret=SECRET, jwt_public_key_file=str(small))))
+    oct_jwks = tmp_path / "oct.json"
+    oct_jwks.write_text('{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}')
+    with pytest.raises(ConfigError, match="auth.jwks_file: the key cannot be used: keys.0. is a symmetric"):
+        RelayServer(Config(auth=AuthConfig(jwks_file=str(oct_jwks))))
 
 
 # --------------------------------------------------------------------------- permissions
