@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import platform
 import sys
@@ -17,11 +16,11 @@ from collections.abc import Sequence
 from dataclasses import fields
 from importlib import metadata
 
+from . import logs
 from ._version import __version__
 from .config import SECRET_KEYS, TABLE_KEYS, Config, load_config
 from .errors import ConfigError
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LIBRARIES = ("trio", "trio-websocket", "wsproto", "h11", "msgpack")
 
 EXIT_OK = 0
@@ -65,6 +64,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", metavar="HOST", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", metavar="N", help="port to listen on, 0 picks a free one (default 8765)")
     parser.add_argument("--log-level", metavar="LEVEL", help="debug, info, warning or error (default info)")
+    parser.add_argument("--log-format", metavar="FORMAT", help="text (default) or json (one JSON object per line)")
     parser.add_argument("--node-id", metavar="ID", help="this node's id (default: generated at start)")
     parser.add_argument("--tls-cert", metavar="FILE", help="TLS certificate chain (PEM): serve wss:// and https://")
     parser.add_argument("--tls-key", metavar="FILE", help="TLS private key (PEM) of --tls-cert")
@@ -77,6 +77,7 @@ def _load(args: argparse.Namespace) -> Config | None:
         "host": args.host,
         "port": args.port,
         "log_level": args.log_level,
+        "log_format": args.log_format,
         "node_id": args.node_id,
         "tls.cert": args.tls_cert,
         "tls.key": args.tls_key,
@@ -93,7 +94,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = _load(args)
     if config is None:
         return EXIT_USAGE
-    logging.basicConfig(level=config.log_level.upper(), format=LOG_FORMAT)
+    logs.setup(config.log_level, config.log_format)
 
     import trio
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from typing import TYPE_CHECKING
 
 import h11
@@ -19,6 +20,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection
 
+from .. import logs
 from ..core.auth import Identity
 from ..core.codec import BY_SUBPROTOCOL, JSON, SUPPORTED_SUBPROTOCOLS, Codec, negotiate
 from . import http_api
@@ -273,7 +275,8 @@ async def _accept(server: RelayServer, reader: _Reader, peer: str, handshake: tr
         handshake.deadline = float("inf")
         conn = Connection(server, ws, codec_of(ws), peer, identity)
         server.add_connection(conn)
-        log.debug("connection %s from %s: open (%s)", conn.id, peer, conn.codec.name)
+        log.info("connection open", extra=logs.fields(
+            event="open", conn=conn.id, remote=peer, user=identity.user, encoding=conn.codec.name))
         try:
             await conn.serve()
         except Exception:
@@ -285,8 +288,10 @@ async def _accept(server: RelayServer, reader: _Reader, peer: str, handshake: tr
             with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_GRACE_SECONDS):
                 await ws.aclose()
             reason = ws.closed
-            log.debug("connection %s: closed (%s)", conn.id,
-                      f"{reason.code} {reason.reason or ''}".strip() if reason else "no close frame")
+            log.info("connection closed", extra=logs.fields(
+                event="close", conn=conn.id, remote=peer, user=conn.guard.identity.user,
+                duration_s=round(time.time() - conn.started_at, 3),
+                code=reason.code if reason else None, reason=(reason.reason or "") if reason else "no close frame"))
             nursery.cancel_scope.cancel()
 
 
