@@ -74,6 +74,22 @@ class Metrics:
         self._bytes_sent: Callable[[], int] = lambda: 0
         r.register(_FunctionCounter(
             "relay_sent_bytes", "Bytes written to WebSocket connections.", lambda: self._bytes_sent()))
+        # Security and load (bound by RelayServer; read at scrape time, never per message).
+        self.connections_closed = Counter(
+            "relay_connections_closed_total",
+            "WebSocket connections closed, by close code (none: no close frame).", ["code"], registry=r)
+        self._bytes_received: Callable[[], int] = lambda: 0
+        r.register(_FunctionCounter(
+            "relay_received_bytes", "Bytes of client messages received over WebSocket "
+            "(characters for text frames).", lambda: self._bytes_received()))
+        self.send_queue = Gauge(
+            "relay_send_queue_bytes", "Bytes waiting in WebSocket send queues, over all connections.",
+            registry=r)
+        self.send_queue_max = Gauge(
+            "relay_send_queue_max_bytes", "The longest WebSocket send queue, in bytes.", registry=r)
+        self.client_addresses = Gauge(
+            "relay_client_addresses", "Client addresses holding at least one WebSocket connection.",
+            registry=r)
 
     def bind_channels(self, count: Callable[[], int]) -> None:
         """Make the ``relay_channels`` gauge read ``count()`` at scrape time."""
@@ -83,6 +99,15 @@ class Metrics:
         """Make ``relay_sent_bytes_total`` read ``read()`` at scrape time (a plain int on
         the hot path instead of a locked counter per write)."""
         self._bytes_sent = read
+
+    def bind_load(self, bytes_received: Callable[[], int], queue_sizes: Callable[[], list[int]],
+                  addresses: Callable[[], int]) -> None:
+        """Make ``relay_received_bytes_total``, the send-queue gauges and
+        ``relay_client_addresses`` read these functions at scrape time."""
+        self._bytes_received = bytes_received
+        self.send_queue.set_function(lambda: float(sum(queue_sizes())))
+        self.send_queue_max.set_function(lambda: float(max(queue_sizes(), default=0)))
+        self.client_addresses.set_function(lambda: float(addresses()))
 
     def delivered(self, n: int, mode: str) -> None:
         self.deliveries.labels(mode).inc(n)

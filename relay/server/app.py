@@ -43,6 +43,10 @@ class RelayServer:
         self.security = build_security(config)
         #: TLS context when ``[tls]`` is configured: every connection is TLS.
         self.ssl_context = build_ssl_context(config)
+        self.metrics.bind_load(
+            lambda: self.security.bytes_received,
+            lambda: [conn.outbox.size for conn in self.connections.values()],
+            self.security.caps.addresses)
         self.hub = Hub(config, self.metrics)
         self.metrics.bind_channels(lambda: self.hub.statistics().channels)
         self.connections: dict[str, Connection] = {}

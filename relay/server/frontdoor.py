@@ -288,6 +288,7 @@ async def _accept(server: RelayServer, reader: _Reader, peer: str, handshake: tr
             with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_GRACE_SECONDS):
                 await ws.aclose()
             reason = ws.closed
+            server.metrics.connections_closed.labels(str(reason.code) if reason else "none").inc()
             log.info("connection closed", extra=logs.fields(
                 event="close", conn=conn.id, remote=peer, user=conn.guard.identity.user,
                 duration_s=round(time.time() - conn.started_at, 3),

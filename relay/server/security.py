@@ -199,6 +199,8 @@ class Security:
             limits.messages_per_second, limits.messages_burst, limits.bytes_per_second,
             limits.bytes_burst, limits.rate_limit_strikes)
         self.max_subscriptions = limits.max_subscriptions
+        #: Bytes of WebSocket messages received (counted by :meth:`Guard.admit`).
+        self.bytes_received = 0
         #: Whether HTTP publish needs an API key: when keys exist, or when clients need
         #: tokens (a server that authenticates sockets must not publish for anyone).
         self.api_key_required = bool(api_keys) or verifier is not None
@@ -372,7 +374,9 @@ class Guard:
         """
         if self._closing:
             return False
-        verdict = self.limiter.admit(len(raw), trio.current_time())
+        size = len(raw)
+        self.security.bytes_received += size
+        verdict = self.limiter.admit(size, trio.current_time())
         if verdict is Verdict.ALLOW:
             return True
         limits = self.security.rate_limits
