@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from ._version import __version__
 from .errors import RelayError
@@ -71,7 +71,7 @@ PEERS = {
     "websockets-broadcast": "bench/peers/websockets_broadcast.py",
     "c-broadcast": "bench/peers/cbroadcast.c",  # the ceiling: what one core and the kernel allow
 }
-_LABEL_RE = re.compile(r"^([a-z0-9][a-z0-9_.-]{0,40})=(.+)$", re.S)
+_LABEL_RE = re.compile(r"^([a-z0-9][a-z0-9_.-]{0,40})=(.+)$", re.DOTALL)
 
 
 class BenchError(RelayError):
@@ -96,8 +96,8 @@ class Settings:
     load_procs: int = 1
     load_threads: int = 1
     batch_us: float = 0.0
-    warmup: float = 1.0
-    duration: float = 4.0
+    warmup: float = 0.5
+    duration: float = 3.0
     drain: float = 3.0
     w1_subscribers: int = 1000
     w1_rates: list[float] = field(default_factory=lambda: list(W1_LADDER))
@@ -459,7 +459,9 @@ class Server:
         for k in spec.unset_env:
             env.pop(k, None)
         env.update(spec.env)
-        self.log = tempfile.NamedTemporaryFile(prefix=f"relay-bench-{spec.name}-", suffix=".log", delete=False)
+        # Open for the server's lifetime (its stdout/stderr); closed and removed by stop().
+        self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115
+            prefix=f"relay-bench-{spec.name}-", suffix=".log", delete=False)
         try:
             self.proc = subprocess.Popen(self.argv, env=env, stdin=subprocess.DEVNULL, stdout=self.log,
                                          stderr=subprocess.STDOUT, start_new_session=True)
@@ -513,7 +515,7 @@ class Server:
         m = re.search(r'relay_info\{[^}]*fastpath="([^"]+)"', text)
         counters = {}
         for line in text.splitlines():
-            if line.startswith("#") or "_bucket{" in line or "_created" in line or line.startswith("relay_info"):
+            if line.startswith(("#", "relay_info")) or "_bucket{" in line or "_created" in line:
                 continue
             name, _, value = line.rpartition(" ")
             try:
@@ -592,9 +594,9 @@ class Loaders:
 def merge_sub_results(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Add up several cload results; percentiles from the merged histogram."""
     if len(results) == 1:
-        out = dict(results[0])
-        out.pop("latency_hist_ns", None)
-        return out
+        single = dict(results[0])
+        single.pop("latency_hist_ns", None)
+        return single
     summed = ("conns", "subscribed", "connect_failed", "expected", "received", "loss", "loss_gaps", "loss_late",
               "deliveries_all", "conns_done", "conns_closed", "offset_gap_events", "offset_missing",
               "out_of_order", "seq_gap_events", "seq_missing", "duplicates", "gap_messages", "error_messages",
@@ -634,8 +636,8 @@ def _hist_summary(buckets: list[tuple[int, int]], parts: list[dict[str, Any]]) -
     count = sum(n for _, n in buckets)
     if not count:
         return {"count": 0}
-    mx = max(p["max"] for p in parts)
-    mn = min(p["min"] for p in parts)
+    mx = float(max(p["max"] for p in parts))
+    mn = float(min(p["min"] for p in parts))
 
     def pct(q: float) -> float:
         rank = max(1, math.ceil(q / 100 * count))
@@ -743,6 +745,7 @@ def _fanout_numbers(s: Settings, sub: dict[str, Any], pub: dict[str, Any], cpu0:
         "loss_gaps": sub["loss_gaps"],
         "loss_late": sub["loss_late"],
         "deliveries_per_s": round(received / span, 1) if span > 0 else None,
+        "frames_per_read": round(sub["frames"] / sub["reads"], 2) if sub.get("reads") else None,
         "latency_us": sub["latency_us"],
         "server_cpu_s": round(srv / 1e9, 4) if srv is not None else None,
         "server_cpu_us_per_delivery": round(srv / 1e3 / received, 3) if srv is not None and received else None,
@@ -886,6 +889,7 @@ def _step_line(r: dict[str, Any], ok: bool, why: list[str]) -> str:
     return (f"  {r['server']:<22} {r['subscribers']:>6} subs x {r['rate']:>7g}/s: "
             f"{(r.get('deliveries_per_s') or 0):>10,.0f} deliv/s  p99 {lat.get('p99', '-')} µs  "
             f"srv {r.get('server_cpu_us_per_delivery', '-')} µs/deliv  load {_pct(r.get('loadgen_cpu_utilization'))}  "
+            f"{r.get('frames_per_read', '-')} frames/read  "
             f"{'ok' if ok else '; '.join(why)}")
 
 
@@ -932,10 +936,10 @@ def scenario_w1(exe: Path, spec: ServerSpec, s: Settings) -> dict[str, Any]:
             best = mid
         else:
             worst = mid
-    # 2. If no sustained rate also had p99 <= 10 ms, go down the ladder until one does.
+    # 2. If no sustained rate also had p99 <= 10 ms, go down the ladder (two steps at most).
     if not any(r["pass"] for r in steps):
         lowest = min(r["rate"] for r in steps)
-        for rate in reversed([x for x in ladder if x < lowest]):
+        for rate in list(reversed([x for x in ladder if x < lowest]))[:2]:
             if step(rate)["pass"]:
                 break
     ref = [r for r in steps if r["rate"] == W1_REFERENCE_RATE]
@@ -954,6 +958,7 @@ def scenario_w1(exe: Path, spec: ServerSpec, s: Settings) -> dict[str, Any]:
         "max_zero_loss_rate": sustained["rate"] if sustained else None,
         "max_zero_loss_deliveries_per_s": sustained.get("deliveries_per_s") if sustained else None,
         "first_unsustained_rate": worst,
+        "max_zero_loss_is_ladder_top": bool(sustained and sustained["rate"] >= ladder[-1]),
         "at_max": _brief(full) if full else None,
         "at_max_zero_loss": _brief(sustained) if sustained else None,
         "at_100k": _brief(ref[0]) if ref else None,
@@ -1076,7 +1081,7 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{v * 100:.0f}%"
 
 
-def _table(headers: Sequence[str], rows: list[Sequence[str]]) -> str:
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
     lines = ["  ".join(h.rjust(w) for h, w in zip(headers, widths))]
     lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
@@ -1092,7 +1097,7 @@ def render(report: dict[str, Any]) -> str:
     for name in ("w1", "w2"):
         if name not in sc:
             continue
-        rows = []
+        rows: list[tuple[str, ...]] = []
         for srv, data in sc[name].items():
             for r in data.get("steps", []):
                 lat = r.get("latency_us", {})
@@ -1183,15 +1188,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run every scenario against this server command ({port} and {python} are replaced; "
                    "run without a shell); repeatable")
     p.add_argument("--peers", action="store_true",
-                   help="add the bundled peers: a naive trio-websocket and a websockets broadcast server")
+                   help="add the bundled peers (bench/peers): a naive trio-websocket server, a websockets "
+                   "broadcast() server and a minimal C server (the ceiling of one core and the kernel)")
     p.add_argument("--quick", action="store_true",
                    help="CI smoke run: small, short runs that only check for zero loss (not timed)")
     p.add_argument("--json", metavar="FILE", help="write the full report as JSON ('-' for stdout instead of the table)")
     p.add_argument("--encoding", choices=("json", "msgpack"), default="json")
     p.add_argument("--payload-bytes", type=int, default=64, metavar="B", help="size of the data object (default 64)")
-    p.add_argument("--duration", type=float, metavar="S", help="measured seconds per W1 step (default 4)")
+    p.add_argument("--duration", type=float, metavar="S", help="measured seconds per W1 step (default 3)")
     p.add_argument("--w2-duration", type=float, metavar="S", help="measured seconds of W2 (default 8)")
-    p.add_argument("--warmup", type=float, metavar="S", help="unmeasured seconds before each run (default 1)")
+    p.add_argument("--warmup", type=float, metavar="S", help="unmeasured seconds before each run (default 0.5)")
     p.add_argument("--drain", type=float, default=3.0, metavar="S",
                    help="after the last publish, wait at most S seconds for deliveries (default 3)")
     p.add_argument("--rates", metavar="R,R,...", help="W1 sweep ladder in messages/s (default 12.5,25,...,1600)")

@@ -21,6 +21,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
 SUBPROTOCOL = "relay.v1.json"
+log = logging.getLogger("trio_ws_broadcast")
 
 
 class Broadcast:
@@ -72,8 +73,8 @@ async def main(port: int) -> None:
     async def handler(request: WebSocketRequest) -> None:
         try:
             await server.handler(request)
-        except Exception:  # noqa: BLE001 - task boundary: log and drop this connection only
-            logging.exception("connection failed")
+        except Exception:  # task boundary: log and drop this connection only
+            log.exception("connection failed")
 
     await serve_websocket(handler, "127.0.0.1", port, ssl_context=None, max_message_size=1 << 20)
 
