@@ -596,6 +596,8 @@ def merge_sub_results(results: list[dict[str, Any]]) -> dict[str, Any]:
     if len(results) == 1:
         single = dict(results[0])
         single.pop("latency_hist_ns", None)
+        single.pop("read_delay_hist_ns", None)
+        single.pop("arrival_latency_hist_ns", None)
         return single
     summed = ("conns", "subscribed", "connect_failed", "expected", "received", "loss", "loss_gaps", "loss_late",
               "deliveries_all", "conns_done", "conns_closed", "offset_gap_events", "offset_missing",
@@ -623,12 +625,23 @@ def merge_sub_results(results: list[dict[str, Any]]) -> dict[str, Any]:
         "max": max(r["per_conn_received"]["max"] for r in results),
         "zero": sum(r["per_conn_received"]["zero"] for r in results)}
     out["stopped_by"] = ",".join(sorted({r.get("stopped_by", "?") for r in results}))
-    buckets: dict[int, int] = {}
-    for r in results:
-        for upper, n in r.get("latency_hist_ns", []):
-            buckets[upper] = buckets.get(upper, 0) + n
-    lat = [r["latency_us"] for r in results if r["latency_us"].get("count")]
-    out["latency_us"] = _hist_summary(sorted(buckets.items()), lat)
+    lines = [r["timeline"] for r in results if r.get("timeline")]
+    if lines:
+        n = max(len(tl["max_us"]) for tl in lines)
+        counts = [sum(tl["count"][i] for tl in lines if i < len(tl["count"])) for i in range(n)]
+        out["timeline"] = {
+            "bucket_ms": lines[0]["bucket_ms"],
+            "max_us": [max(tl["max_us"][i] for tl in lines if i < len(tl["max_us"])) for i in range(n)],
+            "mean_us": [round(sum(tl["mean_us"][i] * tl["count"][i] for tl in lines if i < len(tl["count"]))
+                              / counts[i]) if counts[i] else 0 for i in range(n)],
+            "count": counts}
+    for name in ("latency", "read_delay", "arrival_latency"):
+        buckets: dict[int, int] = {}
+        for r in results:
+            for upper, n in r.get(f"{name}_hist_ns", []):
+                buckets[upper] = buckets.get(upper, 0) + n
+        parts = [r[f"{name}_us"] for r in results if r.get(f"{name}_us", {}).get("count")]
+        out[f"{name}_us"] = _hist_summary(sorted(buckets.items()), parts)
     return out
 
 
@@ -747,6 +760,9 @@ def _fanout_numbers(s: Settings, sub: dict[str, Any], pub: dict[str, Any], cpu0:
         "deliveries_per_s": round(received / span, 1) if span > 0 else None,
         "frames_per_read": round(sub["frames"] / sub["reads"], 2) if sub.get("reads") else None,
         "latency_us": sub["latency_us"],
+        "loadgen_read_delay_us": sub.get("read_delay_us"),
+        "arrival_latency_us": sub.get("arrival_latency_us"),
+        "latency_timeline": sub.get("timeline"),
         "server_cpu_s": round(srv / 1e9, 4) if srv is not None else None,
         "server_cpu_us_per_delivery": round(srv / 1e3 / received, 3) if srv is not None and received else None,
         "server_cpu_utilization": round(srv / window_ns, 3) if srv is not None and window_ns else None,
@@ -890,6 +906,7 @@ def _step_line(r: dict[str, Any], ok: bool, why: list[str]) -> str:
             f"{(r.get('deliveries_per_s') or 0):>10,.0f} deliv/s  p99 {lat.get('p99', '-')} µs  "
             f"srv {r.get('server_cpu_us_per_delivery', '-')} µs/deliv  load {_pct(r.get('loadgen_cpu_utilization'))}  "
             f"{r.get('frames_per_read', '-')} frames/read  "
+            f"arrival p99 {(r.get('arrival_latency_us') or {}).get('p99', '-')} µs  "
             f"{'ok' if ok else '; '.join(why)}")
 
 
@@ -968,6 +985,7 @@ def scenario_w1(exe: Path, spec: ServerSpec, s: Settings) -> dict[str, Any]:
 
 def _brief(r: dict[str, Any]) -> dict[str, Any]:
     return {k: r.get(k) for k in ("rate", "target_deliveries_per_s", "deliveries_per_s", "loss", "latency_us",
+                                  "arrival_latency_us", "loadgen_read_delay_us", "frames_per_read",
                                   "server_cpu_us_per_delivery", "server_cpu_utilization", "loadgen_cpu_utilization",
                                   "load_cores_busy", "saturated_loadgen", "sustained", "within_p99", "pass",
                                   "problems", "warnings")}
@@ -1093,7 +1111,7 @@ def render(report: dict[str, Any]) -> str:
     out = []
     sc = report["scenarios"]
     heads = ("server", "fastpath", "subs", "msg/s", "target/s", "deliv/s", "loss", "p50", "p90", "p99", "p99.9",
-             "max", "srv µs/deliv", "srv CPU", "load CPU", "result")
+             "max", "arr p50", "arr p99", "srv µs/deliv", "srv CPU", "load CPU", "fr/read", "result")
     for name in ("w1", "w2"):
         if name not in sc:
             continue
@@ -1104,11 +1122,15 @@ def render(report: dict[str, Any]) -> str:
                 rows.append((srv, str(r.get("fastpath") or "-"), str(r["subscribers"]), f"{r['rate']:g}",
                              _f(r["target_deliveries_per_s"]), _f(r.get("deliveries_per_s")), _f(r.get("loss")),
                              _f(lat.get("p50")), _f(lat.get("p90")), _f(lat.get("p99")), _f(lat.get("p99.9")),
-                             _f(lat.get("max")), _f(r.get("server_cpu_us_per_delivery"), 2),
+                             _f(lat.get("max")), _f((r.get("arrival_latency_us") or {}).get("p50")),
+                             _f((r.get("arrival_latency_us") or {}).get("p99")),
+                             _f(r.get("server_cpu_us_per_delivery"), 2),
                              _pct(r.get("server_cpu_utilization")), _pct(r.get("loadgen_cpu_utilization")),
+                             _f(r.get("frames_per_read"), 1),
                              "ok" if r.get("pass") else "SATURATED-LOADGEN" if r.get("saturated_loadgen")
                              else "0-loss, p99>10ms" if r.get("sustained") else "FAIL"))
-        out.append(f"\n{name.upper()}: latency in µs, publish to deliver")
+        out.append(f"\n{name.upper()}: latency in µs from the publisher's send to the subscriber's read "
+                   "(arr: to the frame's arrival in the subscriber's socket, without the load generator's queueing)")
         out.append(_table(heads, rows))
         for srv, data in sc[name].items():
             for r in data.get("steps", []):
@@ -1131,12 +1153,12 @@ def render(report: dict[str, Any]) -> str:
         for srv, d in summ.items():
             rows.append((srv, _f(d.get("w1_max_deliveries_per_s")), _f(d.get("w1_max_zero_loss_deliveries_per_s")),
                          _f(d.get("w1_p99_us_at_max_zero_loss")), _f(d.get("w1_server_us_per_delivery_at_max_zero_loss"), 2),
-                         _f(d.get("w1_p99_us_at_100k")), _f(d.get("w2_p50_us")),
-                         _f(d.get("w2_p99_us")), _f(d.get("w2_server_us_per_delivery"), 2),
-                         _f(d.get("w3_kib_per_conn"), 1)))
+                         _f(d.get("w1_p99_us_at_100k")), _f(d.get("w1_arrival_p99_us_at_100k")),
+                         _f(d.get("w2_p50_us")), _f(d.get("w2_p99_us")), _f(d.get("w2_arrival_p99_us")),
+                         _f(d.get("w2_server_us_per_delivery"), 2), _f(d.get("w3_kib_per_conn"), 1)))
         out.append(_table(("server", "W1 max deliv/s (p99<=10ms)", "W1 max deliv/s (0 loss)", "its p99 µs",
-                           "its srv µs/deliv", "W1 p99@100k µs", "W2 p50 µs", "W2 p99 µs", "W2 srv µs/deliv",
-                           "W3 KiB/conn"), rows))
+                           "its srv µs/deliv", "W1 p99@100k µs", "(arr)", "W2 p50 µs", "W2 p99 µs", "(arr)",
+                           "W2 srv µs/deliv", "W3 KiB/conn"), rows))
     m, g = report["machine"], report["git"]
     out.append(f"\nmachine: {m['cpu_model']}, nproc {m['nproc']}, Linux {m['kernel']}, Python {m['python']}; "
                f"load avg {m['loadavg_before']} before, {m.get('loadavg_after')} after; commit "
@@ -1156,6 +1178,7 @@ def summarize(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
         e["w1_p99_us_at_max_zero_loss"] = ((d.get("at_max_zero_loss") or {}).get("latency_us") or {}).get("p99")
         at100 = d.get("at_100k") or {}
         e["w1_p99_us_at_100k"] = (at100.get("latency_us") or {}).get("p99")
+        e["w1_arrival_p99_us_at_100k"] = (at100.get("arrival_latency_us") or {}).get("p99")
         e["w1_pass_at_100k"] = at100.get("pass")
         e["w1_server_us_per_delivery_at_max_zero_loss"] = (d.get("at_max_zero_loss") or {}).get(
             "server_cpu_us_per_delivery")
@@ -1165,6 +1188,8 @@ def summarize(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
         r = d["steps"][0]
         e["w2_p50_us"] = r.get("latency_us", {}).get("p50")
         e["w2_p99_us"] = r.get("latency_us", {}).get("p99")
+        e["w2_arrival_p50_us"] = (r.get("arrival_latency_us") or {}).get("p50")
+        e["w2_arrival_p99_us"] = (r.get("arrival_latency_us") or {}).get("p99")
         e["w2_pass"] = r.get("pass")
         e["w2_server_us_per_delivery"] = r.get("server_cpu_us_per_delivery")
     for srv, r in sc.get("w3", {}).items():

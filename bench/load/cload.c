@@ -8,7 +8,11 @@
  *       channel, then reads with epoll and large buffers. For every `message` frame it reads
  *       the publisher's timestamp `t` (CLOCK_MONOTONIC ns) and sequence number `s` out of
  *       `data` with a cheap scan (no JSON/msgpack parser), records the publish-to-deliver
- *       latency in a log-linear histogram, and checks per connection that the server's
+ *       latency in a log-linear histogram. From the kernel's receive timestamps
+ *       (SO_TIMESTAMPNS, the last segment of each read) it also records how long data waited
+ *       in the socket before this process read it (its own share of the latency) and the
+ *       latency up to that arrival (what the server and the kernel took, without the load
+ *       generator's own queueing). It checks per connection that the server's
  *       `offset` and the publisher's `s` increase by one step with nothing skipped or
  *       repeated. Answers pings, counts close frames by code. Prints one JSON line
  *       {"event":"ready",...} when every connection is subscribed (or failed), measures
@@ -55,6 +59,8 @@
 #define MIN_READ 65536
 #define MAX_ERRORS 8
 #define MAX_CLOSE_CODE 5000
+#define TL_BUCKET_NS 50000000LL /* latency timeline: 50 ms buckets of publish time */
+#define TL_BUCKETS 1200
 
 /* ---------------------------------------------------------------- small helpers */
 
@@ -237,6 +243,7 @@ typedef struct {
     int start_now;
     size_t read_buffer;
     double batch_us; /* at most one epoll round per batch_us (0: wake up for every event) */
+    int rx_timestamps; /* SO_TIMESTAMPNS: how long data waited in the socket before we read it */
     /* pub */
     double rate, linger, late_limit;
     int64_t count, measure_from, seq0;
@@ -247,7 +254,7 @@ static opts_t O = {
     .host = "127.0.0.1", .port = 0, .path = "/ws", .msgpack = 0, .prefix = "bench.", .channels = 1,
     .conns = 1, .threads = 1, .index_base = 0, .inflight = 256, .subscribe = 1, .hold = 0,
     .first_seq = 0, .last_seq = -1, .duration = 60, .connect_timeout = 60, .start_at = 0, .start_now = 0,
-    .read_buffer = 1 << 20, .batch_us = 0, .rate = 1000, .linger = 10, .late_limit = 2.0, .count = 0, .measure_from = 0,
+    .read_buffer = 1 << 20, .batch_us = 0, .rx_timestamps = 1, .rate = 1000, .linger = 10, .late_limit = 2.0, .count = 0, .measure_from = 0,
     .seq0 = 0, .payload_bytes = 64,
 };
 
@@ -261,6 +268,7 @@ static void usage(void) {
         "                 [--conns N] [--threads T] [--channels C] [--prefix bench.] [--index-base I]\n"
         "                 [--first-seq A --last-seq B] [--duration S] [--start stdin|now|NS]\n"
         "                 [--connect-timeout S] [--inflight K] [--no-subscribe] [--hold] [--read-buffer BYTES]\n"
+        "                 [--batch-us US] [--no-rx-timestamps]\n"
         "       cload pub --port P --rate R --count K [--seq0 S0] [--measure-from K0] [--start now|NS]\n"
         "                 [--payload-bytes B] [--channels C] [--prefix bench.] [--linger S] [--late-limit S]\n",
         stderr);
@@ -304,6 +312,7 @@ static void parse_args(int argc, char **argv) {
         else if (!strcmp(a, "--connect-timeout")) O.connect_timeout = parse_num(a, NEXT(), 0.1, 3600);
         else if (!strcmp(a, "--read-buffer")) O.read_buffer = (size_t)parse_num(a, NEXT(), 4096, 1 << 30);
         else if (!strcmp(a, "--batch-us")) O.batch_us = parse_num(a, NEXT(), 0, 100000);
+        else if (!strcmp(a, "--no-rx-timestamps")) O.rx_timestamps = 0;
         else if (!strcmp(a, "--start")) {
             const char *v = NEXT();
             if (!strcmp(v, "now")) O.start_now = 1;
@@ -499,12 +508,14 @@ typedef struct {
     int inflight_cap, pending, next;
     int connect_done; /* read by main */
     int n_active, n_failed, n_done, n_dead, n_finished; /* read by main */
-    hist_t lat;
+    hist_t lat, rdelay, arrival;
+    int64_t read_arrival; /* CLOCK_MONOTONIC ns the last byte of the current read reached the socket; 0 = unknown */
     uint64_t deliveries_all, deliveries_window, off_gap_events, off_missing, out_of_order, seq_gap_events,
         seq_missing, duplicates, gap_msgs, err_msgs, other_msgs, unparsed, pings, pongs_dropped, eof, resets,
         closes_total, protocol_errors, bytes, reads, frames, clock_anomalies, rounds;
     uint32_t closes[MAX_CLOSE_CODE + 1]; /* index MAX_CLOSE_CODE: any code above */
     int64_t first_ns, last_ns;
+    uint64_t tl_max[TL_BUCKETS], tl_sum[TL_BUCKETS], tl_n[TL_BUCKETS];
     double connect_s_max;
     int nerr;
     char errs[MAX_ERRORS][240];
@@ -512,6 +523,22 @@ typedef struct {
 } thr_t;
 
 static thr_t *T;
+static volatile int64_t g_tl_origin; /* publish time of timeline bucket 0 (the start signal) */
+static int64_t g_real_minus_mono; /* CLOCK_REALTIME - CLOCK_MONOTONIC, for kernel receive timestamps */
+
+static void clock_offset(void) {
+    int64_t best = INT64_MAX;
+    for (int i = 0; i < 5; i++) {
+        struct timespec r;
+        int64_t m0 = mono_ns();
+        clock_gettime(CLOCK_REALTIME, &r);
+        int64_t m1 = mono_ns();
+        if (m1 - m0 < best) {
+            best = m1 - m0;
+            g_real_minus_mono = (int64_t)r.tv_sec * 1000000000LL + r.tv_nsec - (m0 + m1) / 2;
+        }
+    }
+}
 static volatile int g_stop;            /* main -> threads: stop reading */
 static volatile int64_t g_connect_deadline;
 
@@ -569,6 +596,7 @@ static void conn_start(thr_t *t, conn_t *c) {
     }
     int one = 1;
     setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    if (O.rx_timestamps) setsockopt(c->fd, SOL_SOCKET, SO_TIMESTAMPNS, &one, sizeof one);
     int r = connect(c->fd, (struct sockaddr *)&g_addr, g_addrlen);
     if (r < 0 && errno != EINPROGRESS) {
         terr(t, "connect: %s", strerror(errno));
@@ -630,6 +658,17 @@ static void on_delivery(thr_t *t, conn_t *c, int64_t off, int64_t seq, int64_t t
             d = 0;
         }
         hrec(&t->lat, (uint64_t)d);
+        int64_t origin = g_tl_origin;
+        if (origin && ts >= origin && (ts - origin) / TL_BUCKET_NS < TL_BUCKETS) {
+            int64_t b = (ts - origin) / TL_BUCKET_NS;
+            if ((uint64_t)d > t->tl_max[b]) t->tl_max[b] = (uint64_t)d;
+            t->tl_sum[b] += (uint64_t)d;
+            t->tl_n[b]++;
+        }
+        if (t->read_arrival) {
+            hrec(&t->rdelay, (uint64_t)(now > t->read_arrival ? now - t->read_arrival : 0));
+            hrec(&t->arrival, (uint64_t)(t->read_arrival > ts ? t->read_arrival - ts : 0));
+        }
         c->received++;
         t->deliveries_window++;
         if (seq > c->max_window_seq) c->max_window_seq = seq;
@@ -823,7 +862,14 @@ static void read_stream(thr_t *t, conn_t *c) {
         }
         if (have) memcpy(t->rb, c->buf, have);
         size_t space = t->rbcap - have;
-        ssize_t got = recv(c->fd, t->rb + have, space, 0);
+        struct iovec iov = {.iov_base = t->rb + have, .iov_len = space};
+        union {
+            char buf[CMSG_SPACE(sizeof(struct timespec))];
+            struct cmsghdr align;
+        } ctl;
+        struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1};
+        if (O.rx_timestamps) mh.msg_control = ctl.buf, mh.msg_controllen = sizeof ctl.buf;
+        ssize_t got = recvmsg(c->fd, &mh, 0);
         if (got < 0) {
             if (errno == EAGAIN || errno == EWOULDBLOCK) return;
             if (errno == EINTR) continue;
@@ -838,6 +884,14 @@ static void read_stream(thr_t *t, conn_t *c) {
             return;
         }
         int64_t now = mono_ns();
+        t->read_arrival = 0;
+        if (O.rx_timestamps)
+            for (struct cmsghdr *cm = CMSG_FIRSTHDR(&mh); cm; cm = CMSG_NXTHDR(&mh, cm))
+                if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_TIMESTAMPNS) {
+                    struct timespec ts;
+                    memcpy(&ts, CMSG_DATA(cm), sizeof ts);
+                    t->read_arrival = (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec - g_real_minus_mono;
+                }
         t->bytes += (uint64_t)got;
         t->reads++;
         size_t total = have + (size_t)got;
@@ -920,6 +974,7 @@ static void on_upgrade_bytes(thr_t *t, conn_t *c, int64_t now) {
         c->state = CS_SUBSCRIBING;
         on_subscribed(t, c); /* counts as ready once upgraded */
     }
+    t->read_arrival = 0;
     if (c->len) { /* frames that came with the 101 */
         uint8_t *tmp = xmalloc(c->len);
         size_t n = c->len;
@@ -1094,6 +1149,7 @@ static void close_all_gracefully(void) {
 
 static int run_sub(void) {
     if (O.threads > O.conns) O.threads = O.conns;
+    clock_offset();
     raise_nofile(O.conns + O.threads + 64);
     int64_t t0 = mono_ns();
     g_connect_deadline = t0 + (int64_t)(O.connect_timeout * 1e9);
@@ -1169,6 +1225,7 @@ static int run_sub(void) {
         }
     }
     int64_t start = mono_ns();
+    g_tl_origin = start;
     struct rusage ru0, ru1;
     getrusage(RUSAGE_SELF, &ru0);
     int64_t end_at = start + (int64_t)(O.duration * 1e9);
@@ -1206,6 +1263,8 @@ static int run_sub(void) {
     for (int i = 0; i < O.threads; i++) {
         thr_t *t = &T[i];
         hmerge(&A->lat, &t->lat);
+        hmerge(&A->rdelay, &t->rdelay);
+        hmerge(&A->arrival, &t->arrival);
 #define ADD(f) A->f += t->f
         ADD(deliveries_all); ADD(deliveries_window); ADD(off_gap_events); ADD(off_missing); ADD(out_of_order);
         ADD(seq_gap_events); ADD(seq_missing); ADD(duplicates); ADD(gap_msgs); ADD(err_msgs); ADD(other_msgs);
@@ -1268,7 +1327,40 @@ static int run_sub(void) {
     fprintf(f, "\"cpu_process_total\":{\"user_s\":%.4f,\"sys_s\":%.4f},", tv_s(ru1.ru_utime), tv_s(ru1.ru_stime));
     hprint(f, "latency_us", &A->lat);
     fputc(',', f);
+    hprint(f, "read_delay_us", &A->rdelay);
+    fputc(',', f);
+    hprint_buckets(f, "read_delay_hist_ns", &A->rdelay);
+    fputc(',', f);
+    hprint(f, "arrival_latency_us", &A->arrival);
+    fputc(',', f);
+    hprint_buckets(f, "arrival_latency_hist_ns", &A->arrival);
+    fputc(',', f);
     hprint_buckets(f, "latency_hist_ns", &A->lat);
+    /* Timeline: for each 50 ms of publish time since the start signal, the max and mean latency. */
+    int tl_last = -1;
+    for (int b = 0; b < TL_BUCKETS; b++)
+        for (int i = 0; i < O.threads; i++)
+            if (T[i].tl_n[b]) tl_last = b;
+    fprintf(f, ",\"timeline\":{\"bucket_ms\":%lld,\"max_us\":[", TL_BUCKET_NS / 1000000);
+    for (int b = 0; b <= tl_last; b++) {
+        uint64_t mx = 0;
+        for (int i = 0; i < O.threads; i++)
+            if (T[i].tl_max[b] > mx) mx = T[i].tl_max[b];
+        fprintf(f, "%s%.0f", b ? "," : "", mx / 1e3);
+    }
+    fputs("],\"mean_us\":[", f);
+    for (int b = 0; b <= tl_last; b++) {
+        uint64_t sum = 0, n = 0;
+        for (int i = 0; i < O.threads; i++) sum += T[i].tl_sum[b], n += T[i].tl_n[b];
+        fprintf(f, "%s%.0f", b ? "," : "", n ? (double)sum / (double)n / 1e3 : 0.0);
+    }
+    fputs("],\"count\":[", f);
+    for (int b = 0; b <= tl_last; b++) {
+        uint64_t n = 0;
+        for (int i = 0; i < O.threads; i++) n += T[i].tl_n[b];
+        fprintf(f, "%s%" PRIu64, b ? "," : "", n);
+    }
+    fputs("]}", f);
     fputs(",\"errors\":[", f);
     int nerr = 0;
     for (int i = 0; i < O.threads; i++)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from relay.bench import main  # noqa: E402 - needs the checkout on sys.path first
+from relay.bench import main  # after the sys.path change above
 
 if __name__ == "__main__":
     sys.exit(main())
