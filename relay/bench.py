@@ -1217,7 +1217,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "broadcast() server and a minimal C server (the ceiling of one core and the kernel)")
     p.add_argument("--quick", action="store_true",
                    help="CI smoke run: small, short runs that only check for zero loss (not timed)")
-    p.add_argument("--json", metavar="FILE", help="write the full report as JSON ('-' for stdout instead of the table)")
+    p.add_argument("--json", "--out", metavar="FILE", dest="json",
+                   help="write the full report as JSON ('-' for stdout instead of the table)")
     p.add_argument("--encoding", choices=("json", "msgpack"), default="json")
     p.add_argument("--payload-bytes", type=int, default=64, metavar="B", help="size of the data object (default 64)")
     p.add_argument("--duration", type=float, metavar="S", help="measured seconds per W1 step (default 3)")
