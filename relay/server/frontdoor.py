@@ -55,7 +55,7 @@ class ReplayStream(trio.abc.Stream):
     def socket(self) -> trio.socket.SocketType | None:
         return self._inner.socket if isinstance(self._inner, trio.SocketStream) else None
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         if self._prefix:
             await trio.lowlevel.checkpoint()
             n = len(self._prefix) if max_bytes is None else max_bytes
@@ -123,7 +123,7 @@ def _is_upgrade(request: h11.Request) -> bool:
 class _Reader:
     """Feeds h11 from the socket and keeps the raw bytes of the first request."""
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES)
         self.raw = bytearray()
@@ -134,7 +134,7 @@ class _Reader:
             event = self.h11.next_event()
             if event is not h11.NEED_DATA:
                 return event
-            data = await self.stream.receive_some(RECEIVE_BYTES)
+            data = bytes(await self.stream.receive_some(RECEIVE_BYTES))  # TLS may give bytearray
             if self.keep_raw:
                 self.raw += data
             self.h11.receive_data(data)
@@ -161,10 +161,11 @@ async def handle_stream(server: RelayServer, stream: trio.SocketStream) -> None:
     handshake happens within ``handshake_timeout``, on the first read.
     """
     peer = _peer(stream)
+    served: trio.abc.Stream = stream
     if server.ssl_context is not None:
-        stream = trio.SSLStream(stream, server.ssl_context, server_side=True, https_compatible=True)
+        served = trio.SSLStream(stream, server.ssl_context, server_side=True, https_compatible=True)
     try:
-        await _serve(server, stream, peer)
+        await _serve(server, served, peer)
     except trio.BrokenResourceError as exc:
         # The peer reset the connection, or the TLS handshake failed (an untrusted
         # certificate, plain HTTP on a TLS port): bad input, not a server error.
@@ -172,7 +173,7 @@ async def handle_stream(server: RelayServer, stream: trio.SocketStream) -> None:
     except Exception:
         log.exception("unexpected error serving %s", peer)
     finally:
-        await trio.aclose_forcefully(stream)
+        await trio.aclose_forcefully(served)
 
 
 async def _send(reader: _Reader, response: http_api.Response, *, method: str = "GET", close: bool = False) -> None:
@@ -188,7 +189,7 @@ async def _send(reader: _Reader, response: http_api.Response, *, method: str = "
     await reader.stream.send_all(data)
 
 
-async def _serve(server: RelayServer, stream: trio.SocketStream, peer: str) -> None:
+async def _serve(server: RelayServer, stream: trio.abc.Stream, peer: str) -> None:
     cfg = server.config
     reader = _Reader(stream)
     first = True
