@@ -280,12 +280,14 @@ A connection's bounded queue of encoded frames, drained by its writer task.
     cdef public int fd          # the socket for direct sends by flush(); -1: none
     cdef Py_ssize_t _holds
     cdef bint _dirty
+    cdef bytes _rest            # what a direct send could not write; first in line
 
     def __cinit__(self):
         # Containers exist before __init__ runs, so no method ever sees None.
         self._frames = []
         self._conflated = {}
         self._gaps = {}
+        self._rest = b""
 
     def __init__(self, limit, encoding=ENC_JSON, owner=None):
         if limit <= 0:
@@ -365,7 +367,8 @@ A connection's bounded queue of encoded frames, drained by its writer task.
         return self._pending()
 
     cdef inline bint _pending(self) noexcept:
-        return (PyList_GET_SIZE(self._frames) != 0
+        return (PyBytes_GET_SIZE(self._rest) != 0
+                or PyList_GET_SIZE(self._frames) != 0
                 or len(self._conflated) != 0
                 or len(self._gaps) != 0)
 
@@ -447,11 +450,22 @@ A connection's bounded queue of encoded frames, drained by its writer task.
             self._conflated = {}
         self._frames = []
         self._size = 0
+        rest = self._rest
+        self._rest = b""
+        if PyBytes_GET_SIZE(rest):
+            frames.insert(0, rest)
         if not frames:
             return b""
         if PyList_GET_SIZE(frames) == 1:
             return frames[0]
         return b"".join(frames)
+
+    def take_rest(self):
+        """Return (and forget) what a direct send could not write."""
+        rest = self._rest
+        self._rest = b""
+        self._size -= PyBytes_GET_SIZE(rest)
+        return rest
 
     def take_gaps(self):
         """Return and forget the pending gaps as ``(key, from_offset, to_offset)``."""
@@ -467,7 +481,7 @@ A connection's bounded queue of encoded frames, drained by its writer task.
         self._frames = []
         self._conflated = {}
         self._gaps = {}
-        self._size = 0
+        self._size = PyBytes_GET_SIZE(self._rest)
 
 
 # ---------------------------------------------------------------------------
@@ -628,7 +642,7 @@ def flush(list dirty not None):
             n = 0  # EAGAIN: the socket is full; other errors: the writer meets them too
         total += n
         if n < length:
-            box._frames.append(PyBytes_FromStringAndSize(PyBytes_AS_STRING(data) + n, length - n))
+            box._rest = PyBytes_FromStringAndSize(PyBytes_AS_STRING(data) + n, length - n)
             box._size = length - n
             wake.append(box.owner)
     del dirty[:]

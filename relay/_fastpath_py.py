@@ -102,7 +102,7 @@ class Outbox:
     __slots__ = (
         "limit", "encoding", "owner", "_frames", "_size", "_closed",
         "_conflated", "_gaps", "dropped", "conflated", "queued",
-        "fd", "_holds", "_dirty",
+        "fd", "_holds", "_dirty", "_rest",
     )
 
     def __init__(self, limit: int, encoding: int = ENC_JSON, owner: Any = None) -> None:
@@ -125,6 +125,9 @@ class Outbox:
         self.fd = -1
         self._holds = 0
         self._dirty = False
+        #: What a direct send (:func:`flush`) could not write: possibly the rest of a
+        #: frame already begun on the wire. First in line; never discarded.
+        self._rest = b""
 
     @property
     def holds(self) -> int:
@@ -170,7 +173,7 @@ class Outbox:
     @property
     def pending(self) -> bool:
         """True when :meth:`take` or :meth:`take_gaps` has something to return."""
-        return bool(self._frames or self._conflated or self._gaps)
+        return bool(self._rest or self._frames or self._conflated or self._gaps)
 
     def put(self, frame: bytes) -> None:
         """Queue a control or direct-answer frame; never dropped, ignored once closed."""
@@ -230,18 +233,29 @@ class Outbox:
         return OFFER_QUEUED
 
     def take(self) -> bytes:
-        """Return every queued frame, then every held conflated value, and empty them."""
+        """Return the rest of a direct send, every queued frame, then every held conflated
+        value, and empty them."""
         frames = self._frames
         if self._conflated:
             frames.extend(self._conflated.values())
             self._conflated = {}
         self._frames = []
         self._size = 0
+        rest, self._rest = self._rest, b""
+        if rest:
+            frames.insert(0, rest)
         if not frames:
             return b""
         if len(frames) == 1:
             return frames[0]
         return b"".join(frames)
+
+    def take_rest(self) -> bytes:
+        """Return (and forget) what a direct send could not write: whoever writes to the
+        socket next must write it before anything else."""
+        rest, self._rest = self._rest, b""
+        self._size -= len(rest)
+        return rest
 
     def take_gaps(self) -> list[tuple[Any, int, int]]:
         """Return and forget the pending gaps as ``(key, from_offset, to_offset)``."""
@@ -252,12 +266,13 @@ class Outbox:
         return gaps
 
     def close(self) -> None:
-        """Discard everything waiting; later ``put`` and ``offer`` are ignored."""
+        """Discard everything waiting, except the rest of a direct send (a frame may be
+        half on the wire); later ``put`` and ``offer`` are ignored."""
         self._closed = True
         self._frames = []
         self._conflated = {}
         self._gaps = {}
-        self._size = 0
+        self._size = len(self._rest)
 
 
 class Members:
@@ -361,7 +376,7 @@ def flush(dirty: list[Outbox]) -> tuple[list[Any], int]:
     sent = 0
     for box in dirty:
         box._dirty = False
-        if not (box._frames or box._conflated or box._gaps):
+        if not (box._rest or box._frames or box._conflated or box._gaps):
             continue
         if box.fd < 0 or box._holds or box._gaps:
             wake.append(box.owner)
@@ -373,9 +388,8 @@ def flush(dirty: list[Outbox]) -> tuple[list[Any], int]:
             n = 0
         sent += n
         if n < len(data):
-            rest = data[n:]
-            box._frames.append(rest)
-            box._size = len(rest)
+            box._rest = data[n:]
+            box._size = len(box._rest)
             wake.append(box.owner)
     dirty.clear()
     return wake, sent

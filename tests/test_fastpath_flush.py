@@ -122,3 +122,19 @@ def test_flush_to_a_closed_peer_keeps_the_bytes_for_the_writer(impl: ModuleType)
         box.mark_dirty(dirty)
         assert impl.flush(dirty) == (["o"], 0)
         assert box.take() == b"lost?"
+
+
+def test_rest_of_a_partial_send_survives_close_and_is_taken_first(impl: ModuleType, pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = pair
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    box, dirty = _box(impl, a.fileno()), []
+    payload = b"z" * (1 << 20)
+    box.put(payload)
+    box.mark_dirty(dirty)
+    _, sent = impl.flush(dirty)
+    rest = payload[sent:]
+    box.put(b"queued-later")
+    box.close()  # e.g. a 4002 overflow: queued frames go, half a frame on the wire does not
+    assert box.pending and box.size == len(rest)
+    assert box.take_rest() == rest and box.size == 0 and box.take_rest() == b""
+    assert box.take() == b""

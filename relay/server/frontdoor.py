@@ -18,7 +18,7 @@ import trio
 import trio_websocket
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
-from wsproto.events import CloseConnection
+from wsproto.events import CloseConnection, Ping
 
 from .. import logs
 from ..core.auth import Identity
@@ -81,6 +81,12 @@ class _ServerWebSocket(trio_websocket.WebSocketConnection):
     and trio-websocket then drops the TCP connection without sending anything, so the
     client only sees 1006. RFC 6455 says to send the close code first; this does.
     """
+
+    async def _handle_ping_event(self, event: Ping) -> None:
+        # A ping that crossed our close frame: RFC 6455 lets us ignore it, and wsproto
+        # refuses to build a pong once the close is sent (LocalProtocolError).
+        if self._wsproto.state is ConnectionState.OPEN:
+            await super()._handle_ping_event(event)
 
     async def _handle_close_connection_event(self, event: CloseConnection) -> None:
         if self._wsproto.state is ConnectionState.OPEN:

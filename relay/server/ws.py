@@ -66,9 +66,23 @@ class _HoldingLock:
         try:
             await self._lock.acquire()
             acquired = True
-        finally:
-            if not acquired:
-                self._outbox.release()
+            # A direct send may have stopped inside a frame: whoever writes next (a pong,
+            # a ping, a close frame) finishes that frame first.
+            rest = self._outbox.take_rest()
+            if rest:
+                stream = self._ws._stream
+                try:
+                    await stream.send_all(rest)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass  # the holder's own write meets the same error and handles it
+                except BaseException:
+                    await trio.aclose_forcefully(stream)  # half a frame: nothing may follow
+                    raise
+        except BaseException:
+            if acquired:
+                self._lock.release()
+            self._outbox.release()
+            raise
 
     async def __aexit__(self, *exc_info: object) -> None:
         self._lock.release()
@@ -99,6 +113,7 @@ class Connection:
         self._counted_conflated = 0
         self._close: tuple[int, str] | None = None
         self._peer_gone = False
+        self._reader_done = False
         self._send_scope: trio.CancelScope | None = None
         self._reader_waiting = False
         # Direct sends (fastpath.flush) write to the socket's descriptor when the stream
@@ -202,15 +217,13 @@ class Connection:
             if self._peer_gone:
                 return
             if outbox.pending:
-                # From taking the bytes until they are written, direct sends must wait:
-                # frames queued meanwhile would overtake these.
-                outbox.hold()
-                try:
-                    data = self._take()
-                    if data and not await self._write(data):
-                        return
-                finally:
-                    outbox.release()
+                if not await self._write():
+                    # The peer may be closing: trio-websocket answers its close frame, then
+                    # ends the reader. Ending the connection sooner would cancel the answer.
+                    with trio.move_on_after(CLOSE_GRACE_SECONDS):
+                        while not self._reader_done:
+                            await self._lot.park()
+                    return
                 if self._reader_waiting:
                     self._drained.unpark_all()
                 continue
@@ -219,8 +232,13 @@ class Connection:
                 await ws.aclose(code, reason)
             return
 
-    async def _write(self, data: bytes) -> bool:
-        """Write pre-encoded frames; return False when the connection is gone."""
+    async def _write(self) -> bool:
+        """Write what is queued; return False when the connection is gone.
+
+        The bytes are taken only once the stream lock is held (its holder may be next to
+        write after a direct send that stopped inside a frame), and direct sends wait
+        meanwhile (the lock holds the outbox) so frames queued later cannot overtake them.
+        """
         ws = self.ws
         with trio.CancelScope() as scope:
             self._send_scope = scope
@@ -229,8 +247,10 @@ class Connection:
             async with ws._stream_lock:
                 if ws.closed is not None or ws._wsproto.state is not ConnectionState.OPEN:
                     return False
+                data = self._take()
                 try:
-                    await ws._stream.send_all(data)
+                    if data:
+                        await ws._stream.send_all(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     # The peer went away mid-write; the reader sees the closure too.
                     return False
@@ -277,6 +297,7 @@ class Connection:
             pass  # the peer closed, or we did; the writer ends too
         finally:
             self._peer_gone = self._close is None
+            self._reader_done = True
             self._lot.unpark_all()
 
     async def _heartbeat(self) -> None:
