@@ -1,0 +1,160 @@
+"""Values the Python client hands to the application: messages, acks, positions, states, events.
+
+All frozen dataclasses (and one enum); no trio, no I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any, Union
+
+from ._errors import ClientClosed, MessagesLost
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """A place in a channel: an epoch and an offset within it (``EPOCH:OFFSET`` as text)."""
+
+    epoch: str
+    offset: int
+
+    def __str__(self) -> str:
+        return f"{self.epoch}:{self.offset}"
+
+    @classmethod
+    def parse(cls, text: str) -> Position:
+        """Parse ``EPOCH:OFFSET`` (the form ``str()`` gives and ``relay sub --since`` takes).
+
+        Raises:
+            ValueError: ``text`` is not an epoch, a colon and an integer >= 0.
+        """
+        epoch, sep, offset = text.rpartition(":")
+        if not sep or not epoch or not offset.isdigit():
+            raise ValueError(f"expected EPOCH:OFFSET such as 1b0502ed:17, got {text!r}")
+        return cls(epoch, int(offset))
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A message of a channel, delivered in offset order, each one once."""
+
+    channel: str
+    offset: int
+    data: Any
+    epoch: str
+
+    @property
+    def position(self) -> Position:
+        return Position(self.epoch, self.offset)
+
+
+@dataclass(frozen=True, slots=True)
+class Poke:
+    """On a ``poke`` channel: new data up to ``offset``; fetch it over HTTP (history endpoint).
+
+    ``data`` is always None (it is there so ``msg.data`` works on either kind).
+    """
+
+    channel: str
+    offset: int
+    epoch: str
+    data: None = None
+
+    @property
+    def position(self) -> Position:
+        return Position(self.epoch, self.offset)
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """The server's acknowledgement of a publish: where the message went."""
+
+    channel: str
+    offset: int
+    epoch: str
+
+
+class ClientState(enum.Enum):
+    """Where the client's connection stands (``Client.state``)."""
+
+    CONNECTING = "connecting"      # opening a connection (TCP, handshake, welcome)
+    CONNECTED = "connected"        # welcome received; requests go out at once
+    RECONNECTING = "reconnecting"  # waiting out the backoff delay before the next attempt
+    CLOSED = "closed"              # for good: closed by the application or by the server
+
+
+# -- events ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Connecting:
+    """An attempt to connect begins (``attempt`` 0 is the first connection)."""
+
+    attempt: int
+    url: str
+
+
+@dataclass(frozen=True, slots=True)
+class Connected:
+    """The server sent ``welcome``: the connection is usable."""
+
+    session: str
+    node: str
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnected:
+    """A connection ended, or an attempt failed before the WebSocket opened.
+
+    ``code`` is the WebSocket close code (1006 when the TCP connection dropped without
+    one), or None when no WebSocket was open (refused TCP connection, timeout, a
+    handshake refused with ``http_status``). ``reason`` says what happened.
+    """
+
+    code: int | None
+    reason: str
+    http_status: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Reconnecting:
+    """The client waits ``delay`` seconds, then makes reconnection attempt ``attempt`` (1, 2, ...)."""
+
+    attempt: int
+    delay: float
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribed:
+    """The server confirmed a (re)subscription: ``channel`` is at ``epoch``:``offset``.
+
+    ``recovered`` is the server's answer to ``since`` (False without one); when a
+    ``since`` could not be recovered a :class:`Lost` event follows.
+    """
+
+    channel: str
+    epoch: str
+    offset: int
+    recovered: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Lost:
+    """Messages of a channel will not reach the application (a RecoveryLost or MessagesSkipped).
+
+    Emitted whatever ``on_recovery_lost`` says; with ``"raise"`` the subscription's
+    iterator also raises ``error`` at the point in the stream where the loss happened.
+    """
+
+    error: MessagesLost
+
+
+@dataclass(frozen=True, slots=True)
+class Closed:
+    """The client stopped for good: ``error`` is None when the application closed it."""
+
+    error: ClientClosed | None
+
+
+Event = Union[Connecting, Connected, Disconnected, Reconnecting, Subscribed, Lost, Closed]
