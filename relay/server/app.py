@@ -43,6 +43,8 @@ class RelayServer:
         self.security = build_security(config)
         #: TLS context when ``[tls]`` is configured: every connection is TLS.
         self.ssl_context = build_ssl_context(config)
+        #: Unix time the server was created (``/stats`` uptime).
+        self.started_at = time.time()
         self.metrics.bind_load(
             lambda: self.security.bytes_received,
             lambda: [conn.outbox.size for conn in self.connections.values()],

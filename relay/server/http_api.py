@@ -19,6 +19,7 @@ from ..core.codec import check_json_compatible, dumps_json
 from ..core.envelope import validate_channel
 from ..errors import BadRequest, PeerError
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from . import stats
 
 if TYPE_CHECKING:
     from .app import RelayServer
@@ -64,6 +65,11 @@ def route(server: RelayServer, method: str, target: str, body: bytes,
         if server.draining:
             return "readyz", Response(503, b"draining\n")
         return "readyz", Response(200, b"ready\n")
+    if path == "/stats":
+        return "stats", _only_get(method) or json_response(200, stats.snapshot(server))
+    if path == "/":
+        return "status", _only_get(method) or Response(
+            200, stats.status_page(), "text/html; charset=utf-8", [("X-Content-Type-Options", "nosniff")])
     if path == "/metrics":
         return "metrics", _only_get(method) or Response(
             200, server.metrics.render(), METRICS_CONTENT_TYPE)

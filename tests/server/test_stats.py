@@ -1,0 +1,97 @@
+"""GET /stats (a JSON snapshot) and the status page at /."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+
+import pytest
+import trio
+
+from .conftest import http_get, http_post_json, http_request, open_client, running_server
+
+
+async def test_stats_counts_what_happened() -> None:
+    with trio.fail_after(10):
+        async with running_server() as server:
+            async with open_client(server) as a, open_client(server) as b:
+                await a.subscribe("news")
+                await b.subscribe("other")
+                await b.publish("news", {"n": 1})
+                assert (await a.recv())["type"] == "message"
+                await a.request({"type": "subscribe", "channel": "", "ref": 1})  # bad_request
+                status, answer = await http_post_json(server, "/api/publish", {"channel": "news", "data": 2})
+                assert status == 200
+                status, s = await http_get(server, "/stats")
+    assert status == 200
+    assert s["node"] == "test" and s["version"] and s["uptime_seconds"] >= 0 and s["draining"] is False
+    assert s["connections"]["active"] == 2 and s["connections"]["client_addresses"] == 1
+    assert s["connections"]["accepted_total"] == 2
+    assert s["channels"] == 2 and s["subscriptions"] == 2
+    assert s["messages"]["received_total"] >= 4 and s["messages"]["published_total"] == 2
+    assert s["messages"]["delivered_total"] == 2  # one subscriber, two publications
+    assert s["bytes"]["received_total"] > 0 and s["bytes"]["sent_total"] > 0
+    assert s["errors_total"] == {"bad_request": 1}
+    assert s["send_queue"]["bytes"] >= 0 and s["send_queue"]["max_bytes"] >= 0
+
+
+async def test_status_page_is_served_at_the_root() -> None:
+    with trio.fail_after(10):
+        async with running_server() as server:
+            status, body, headers = await http_request(server, "GET", "/")
+            assert status == 200 and headers["content-type"].startswith("text/html")
+            page = body.decode()
+            assert "<title>relay status</title>" in page and 'fetch("stats"' in page
+            assert headers["x-content-type-options"] == "nosniff"
+            assert (await http_request(server, "HEAD", "/"))[0] == 200
+            assert (await http_request(server, "POST", "/", b""))[0] == 405
+            status, body, _ = await http_request(server, "POST", "/stats", b"")
+            assert status == 405 and json.loads(body)["error"] == "method_not_allowed"
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+@pytest.mark.skipif(_chromium() is None, reason="needs a headless Chromium (apt-get install chromium)")
+async def test_status_page_updates_live_in_headless_chromium() -> None:
+    """The page polls /stats and shows counts and rates; read the DOM Chromium rendered."""
+    chromium = _chromium()
+    assert chromium is not None
+    # max_queue=None: the subscriber does not read, and a bounded client queue would stop
+    # it reading the close frame at the end.
+    with trio.fail_after(30):
+        async with running_server() as server, open_client(server, max_queue=None) as a, \
+                open_client(server) as b:
+            await a.subscribe("news")
+
+            async def publish_steadily() -> None:
+                i = 0
+                while True:
+                    await b.send({"type": "publish", "channel": "news", "data": i})
+                    i += 1
+                    await trio.sleep(0.01)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(publish_steadily)
+                result = await trio.run_process(
+                    [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                     "--user-data-dir=" + tempfile.mkdtemp(prefix="relay-chromium-"),
+                     "--virtual-time-budget=3000", "--dump-dom", f"{server.http_url}/"],
+                    capture_stdout=True, capture_stderr=True)
+                nursery.cancel_scope.cancel()
+    dom = result.stdout.decode()
+    values = dict(re.findall(r'<div class="value" id="(\w+)">([^<]*)</div>', dom))
+    assert values["connections"] == "2" and values["channels"] == "1", values
+    assert values["subscriptions"] == "1"
+    # a rate needs two snapshots: the page polled /stats again and updated in place (under
+    # Chromium's virtual time the polls come faster than a second, so the value itself varies)
+    rates = ("in_rate", "pub_rate", "del_rate", "bin_rate", "bout_rate")
+    assert all(re.fullmatch(r"[0-9.]+[kM]?", values[k]) for k in rates), values
+    assert 'id="node">test<' in dom
