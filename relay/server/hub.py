@@ -98,6 +98,8 @@ class Hub:
         #: (``fastpath.flush``) when ``wake_flusher`` has woken its flusher task.
         self.dirty: list[Any] = []
         self.wake_flusher: Callable[[], None] = _nothing
+        #: Messages published on this node (the flusher watches it to batch input).
+        self.publications = 0
 
     def __iter__(self) -> Iterator[Channel]:
         return iter(self._channels.values())
@@ -127,6 +129,7 @@ class Hub:
         """
         ch = self.channel(name, now)
         pub = ch.log.append(data, now)
+        self.publications += 1
         ch.last_active = now
         members = ch.members
         if len(members):
