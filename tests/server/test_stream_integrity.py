@@ -796,30 +796,32 @@ async def test_slow_consumer_close_mid_stream_leaves_a_valid_stream(encoding: st
 # --------------------------------------------------------------------------- the race, targeted
 
 class ArriveWhileHandling:
-    """Makes chosen client bytes reach the server's socket while the server is handling
-    one of that client's messages (synchronously, from inside ``Connection.handle``).
+    """Makes chosen client bytes reach the server's socket right after a direct send to
+    that client (from inside the server's ``fastpath.flush`` call).
 
-    trio-websocket's reader then wakes in the scheduling pass where the answers to that
-    message are flushed by a direct send, so a control frame it answers (pong, close)
-    races the writer task for the socket, right after a direct send the tiny buffers cut
-    short, in about one round out of four, whatever the scheduler's order.
+    trio-websocket's reader then wakes in the next scheduling pass, while the rest of a
+    direct send that the tiny buffers cut short is still waiting, so a control frame it
+    answers (pong, close) races the writer task for the socket.
     """
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.armed: dict[str, tuple[int, bytes]] = {}
         self.fired = 0
-        orig_handle = Connection.handle
+        orig_flush = fastpath.flush
         arriving = self
 
-        def handle(conn: Connection, raw: str | bytes) -> None:
-            orig_handle(conn, raw)
-            armed = arriving.armed.pop(conn.id, None)
-            if armed is not None:
-                fd, data = armed
-                assert os.write(fd, data) == len(data)
-                arriving.fired += 1
+        def flush(dirty: list[Any]) -> tuple[list[Any], int]:
+            ids = [box.owner.id for box in dirty if box.owner is not None]
+            result = orig_flush(dirty)
+            for conn_id in ids:
+                armed = arriving.armed.pop(conn_id, None)
+                if armed is not None:
+                    fd, data = armed
+                    assert os.write(fd, data) == len(data)
+                    arriving.fired += 1
+            return result
 
-        monkeypatch.setattr(Connection, "handle", handle)
+        monkeypatch.setattr(fastpath, "flush", flush)
 
     def arm(self, conn: Connection, client: StrictClient, data: bytes) -> None:
         self.armed[conn.id] = (client.stream.socket.fileno(), data)
