@@ -149,6 +149,8 @@ class _ConnectionManager(_ClientBase):
             text = f"the server closed the connection normally (1000 {ended.reason!r}); not reconnecting"
         elif ended.code == 1008:
             text = f"the server closed the connection for a policy violation (1008 {ended.reason!r}); not reconnecting"
+        elif ended.code is None:
+            text = f"{ended.reason}; not reconnecting"
         else:
             text = f"connection ended ({ended.code} {ended.reason!r}); not reconnecting"
         return ClientClosed(text, code=ended.code, reason=ended.reason, http_status=ended.http_status)
@@ -389,6 +391,7 @@ class _ConnectionManager(_ClientBase):
             if sub is None or sub._conn is not conn:
                 return  # left meanwhile, or not subscribed on this connection
             epoch = msg.get("epoch")
+            before = sub._cursor.save()
             deliver, lost = sub._cursor.on_message(offset, epoch if isinstance(epoch, str) else None)
             if lost is not None:
                 self._report_lost(sub, lost)
@@ -405,10 +408,16 @@ class _ConnectionManager(_ClientBase):
                 sub._append(item)
                 return
             conn.paused = conn.paused_during_ping = True
+            buffered = False
             try:
                 await sub._put(item)  # backpressure: the application reads too slowly
+                buffered = True
             finally:
                 conn.paused = False
+                if not buffered:
+                    # Interrupted before the message reached the buffer: the cursor must not
+                    # claim it, so that resubscribing fetches it again.
+                    sub._cursor.restore(before)
         elif kind == "gap":
             channel = _field(msg, "channel", str)
             sub = self._subs.get(channel)
@@ -430,7 +439,8 @@ class _ConnectionManager(_ClientBase):
     def _answer(self, conn: _Connection, request: _Request, msg: dict[str, Any]) -> None:
         kind = msg["type"]
         if kind == "error":
-            error = RequestFailed(str(msg.get("code")), str(msg.get("message")), channel=request.channel)
+            error = RequestFailed(str(msg.get("code")), str(msg.get("message")),
+                                  channel=request.channel or None)
             if request.kind is _Kind.SUBSCRIBE and request.sub is not None:
                 self._refused(request.sub, error)
             request.fail(error)

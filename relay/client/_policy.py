@@ -159,6 +159,14 @@ class Cursor:
         #: received nothing yet resumes from.
         self._base: int | None = None
 
+    def save(self) -> tuple[str | None, int | None, int | None]:
+        """Return the cursor's state, for :meth:`restore`."""
+        return self.epoch, self.offset, self._base
+
+    def restore(self, state: tuple[str | None, int | None, int | None]) -> None:
+        """Go back to a state from :meth:`save` (a message taken in was not delivered)."""
+        self.epoch, self.offset, self._base = state
+
     def since(self) -> Position | None:
         """Return what to send as ``since`` when (re)subscribing, or None for "from now"."""
         if self.epoch is None:

@@ -182,3 +182,14 @@ def test_cursor_gap_is_reported_once_and_never_recovered_later() -> None:
     assert cur.since() == Position("e1", 200)
     assert cur.on_gap(47, 200) is None
     assert cur.on_message(201) == (True, None)
+
+
+def test_cursor_save_and_restore() -> None:
+    cur = Cursor("c")
+    cur.on_subscribed(None, "e1", 0, recovered=False)
+    cur.on_message(1)
+    saved = cur.save()
+    assert cur.on_message(2) == (True, None)
+    cur.restore(saved)
+    assert cur.since() == Position("e1", 1)
+    assert cur.on_message(2) == (True, None)  # not a duplicate: it was never delivered

@@ -227,7 +227,7 @@ async def test_kick_4002_reconnects_and_recovers() -> None:
         async with running_server() as server, connect(server.url, on_event=rec, **FAST) as c, \
                 connect(server.url) as pub:
             sub = await c.subscribe("s")
-            await c.wait_connected()
+            await sub.wait_subscribed()  # (connected is not enough: pub is another client)
             await pub.publish("s", 1)
             connection_of(server, c.session).kick(4002, "slow consumer: send queue overflowed")
             for i in range(2, 6):  # published while the subscriber is away
