@@ -669,7 +669,7 @@ def fanout(Members members not None, frames, key, policy, offset):
     """
     cdef list woken = []
     cdef list overflowed = []
-    cdef list by_encoding = [None] * _N_ENC
+    cdef list by_encoding = _frames_by_encoding(members, frames)
     cdef list items = members._items
     cdef Py_ssize_t i
     cdef int code = _POL_UNDECODED
@@ -677,12 +677,6 @@ def fanout(Members members not None, frames, key, policy, offset):
     cdef bint was_pending
     cdef Outbox box
     cdef object frame
-    for i in range(_N_ENC):
-        if members._counts[i]:
-            frame = frames[i]
-            if frame is None:
-                raise ValueError(f"no frame for encoding {i}")
-            by_encoding[i] = frame
     # The length is re-read every pass, like the twin's list iterator.
     i = 0
     while i < PyList_GET_SIZE(items):

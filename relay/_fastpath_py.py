@@ -420,10 +420,7 @@ def fanout(
             is offered the message, so an error leaves every outbox untouched
             (otherwise owners already woken or overflowed would never be reported).
     """
-    counts = members._counts
-    for enc in range(N_ENCODINGS):
-        if counts[enc] and frames[enc] is None:
-            raise ValueError(f"no frame for encoding {enc}")
+    _check_frames(members, frames)
     woken: list[Any] = []
     overflowed: list[Any] = []
     for box in members._items:
