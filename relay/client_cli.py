@@ -25,6 +25,8 @@ DEFAULT_URL = "ws://127.0.0.1:8765/ws"  # (the same as relay.client.DEFAULT_URL)
 ENV_URL = "RELAY_URL"
 ENV_TOKEN = "RELAY_TOKEN"
 DEFAULT_PUB_TIMEOUT_SECONDS = 10.0
+#: Pause before publishing again after ``rate_limited`` (the server restores one strike a second).
+RATE_LIMITED_RETRY_SECONDS = 1.0
 
 EXIT_OK = 0
 EXIT_ERROR = 1        # the server refused, the client closed, a publish timed out
@@ -320,10 +322,21 @@ class _Lines:
 async def _publish_one(client: Client, args: argparse.Namespace, value: Any) -> Ack | None:
     import trio
 
-    from .client import ClientState
+    from .client import ClientState, RequestFailed
 
     with trio.move_on_after(args.timeout):
-        return await client.publish(args.channel, value)
+        while True:
+            try:
+                return await client.publish(args.channel, value)
+            except RequestFailed as exc:
+                if exc.code != "rate_limited":
+                    raise
+            # The server dropped it (so sending it again cannot duplicate it). Each refusal
+            # costs a strike and strikes come back at one per second: waiting that long
+            # never runs out of them (which would close the connection with 4003).
+            if not args.quiet:
+                print("relay pub: rate limited by the server; retrying in 1s", file=sys.stderr, flush=True)
+            await trio.sleep(RATE_LIMITED_RETRY_SECONDS)
     if client.state is ClientState.CONNECTED:
         text = f"no ack within {args.timeout:g}s; it may or may not have been published"
     else:  # still queued: withdrawn, never sent

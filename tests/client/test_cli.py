@@ -19,6 +19,7 @@ import pytest
 import trio
 
 from relay.client import connect
+from relay.config import LimitsConfig
 
 from .conftest import REPO, child_env, running_proxy, running_server
 
@@ -247,3 +248,16 @@ async def test_pub_waiting_on_stdin_exits_130_on_ctrl_c() -> None:
                 assert proc.stdin is not None
                 await proc.stdin.aclose()
             assert proc.returncode == 130, cli.stderr
+
+
+async def test_pub_from_stdin_slows_down_when_rate_limited() -> None:
+    lines = b"".join(b"%d\n" % i for i in range(40))
+    limits = LimitsConfig(messages_per_second=50, messages_burst=10)
+    with trio.fail_after(30):
+        async with running_server(limits=limits) as server:
+            result = await run_cli("pub", "r", "-", "--url", server.url, stdin=lines)
+            assert result.returncode == 0, result.stderr
+            assert b"rate limited by the server; retrying in 1s" in result.stderr
+            assert [json.loads(line)["offset"] for line in result.stdout.decode().splitlines()] == list(range(1, 41))
+            _, retained = server.hub.history("r", trio.current_time(), None, None)  # type: ignore[misc]
+            assert [p.data for p in retained] == list(range(40))  # each once, in order
