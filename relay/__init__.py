@@ -24,8 +24,9 @@ from .errors import RelayError as RelayError
 from .errors import TooLarge as TooLarge
 from .server.app import RelayServer as RelayServer
 from .server.app import run_server as run_server
+from .client import connect as connect
 
 __all__ = [
-    "__version__", "ChannelOptions", "Config", "load_config", "RelayServer", "run_server",
+    "__version__", "connect", "ChannelOptions", "Config", "load_config", "RelayServer", "run_server",
     "RelayError", "ConfigError", "PeerError", "BadRequest", "Forbidden", "TooLarge",
 ]

@@ -18,6 +18,7 @@ from importlib import metadata
 
 from . import logs
 from ._version import __version__
+from .client_cli import add_client_commands
 from .config import SECRET_KEYS, TABLE_KEYS, Config, load_config
 from .errors import ConfigError
 
@@ -52,6 +53,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_config_flags(check)
 
     commands.add_parser("version", help="print relay's version and those of its libraries")
+    add_client_commands(commands)
     # Listed for --help only: main() hands "bench" and everything after it to relay.bench.
     commands.add_parser("bench", help="run the end-to-end load benchmark (relay bench --help)", add_help=False)
     return parser
@@ -203,6 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check_config(args)
     if args.command == "version":
         return _version()
+    if args.command in ("sub", "pub"):
+        return int(args.func(args))
     parser.print_help(sys.stderr)
     return EXIT_USAGE
 

@@ -24,7 +24,7 @@ from .. import logs
 from ..core.auth import Identity
 from ..core.codec import BY_SUBPROTOCOL, JSON, SUPPORTED_SUBPROTOCOLS, Codec, negotiate
 from . import http_api
-from .ws import CLOSE_GRACE_SECONDS, CLOSE_INTERNAL_ERROR, Connection
+from .ws import CLOSE_GOING_AWAY, CLOSE_GRACE_SECONDS, CLOSE_INTERNAL_ERROR, Connection
 
 if TYPE_CHECKING:
     from .app import RelayServer
@@ -292,8 +292,10 @@ async def _accept(server: RelayServer, reader: _Reader, peer: str, handshake: tr
                 await ws.aclose(CLOSE_INTERNAL_ERROR, "internal error")
         finally:
             server.remove_connection(conn)
+            # Still open here only when the server stops (cancellation, drain timeout, a
+            # second signal): 1001 tells clients to reconnect; 1000 would tell them not to.
             with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_GRACE_SECONDS):
-                await ws.aclose()
+                await ws.aclose(CLOSE_GOING_AWAY, "server stopping")
             reason = ws.closed
             server.metrics.connections_closed.labels(str(reason.code) if reason else "none").inc()
             log.info("connection closed", extra=logs.fields(
