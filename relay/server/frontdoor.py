@@ -271,6 +271,9 @@ async def _accept(server: RelayServer, reader: _Reader, peer: str, handshake: tr
                   identity: Identity) -> None:
     """Complete the WebSocket handshake of an admitted upgrade and serve the connection."""
     stream = ReplayStream(reader.stream, bytes(reader.raw))
+    # The HTTP side is done with: free its buffers for the connection's lifetime.
+    reader.raw = bytearray()
+    reader.h11 = None  # type: ignore[assignment]
     async with trio.open_nursery() as nursery:
         try:
             ws = await _handshake(server, nursery, stream)
