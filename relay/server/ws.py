@@ -62,27 +62,35 @@ class _HoldingLock:
 
     async def __aenter__(self) -> None:
         self._outbox.hold()
-        acquired = False
+        entered = False
         try:
             await self._lock.acquire()
-            acquired = True
-            # A direct send may have stopped inside a frame: whoever writes next (a pong,
-            # a ping, a close frame) finishes that frame first.
-            rest = self._outbox.take_rest()
-            if rest:
-                stream = self._ws._stream
-                try:
-                    await stream.send_all(rest)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass  # the holder's own write meets the same error and handles it
-                except BaseException:
-                    await trio.aclose_forcefully(stream)  # half a frame: nothing may follow
-                    raise
-        except BaseException:
-            if acquired:
-                self._lock.release()
-            self._outbox.release()
-            raise
+            try:
+                # A direct send may have stopped inside a frame: whoever writes next (a
+                # pong, a ping, a close frame) finishes that frame first.
+                rest = self._outbox.take_rest()
+                if rest:
+                    await self._write_rest(rest)
+                entered = True
+            finally:
+                if not entered:
+                    self._lock.release()
+        finally:
+            if not entered:
+                self._outbox.release()
+
+    async def _write_rest(self, rest: bytes) -> None:
+        stream = self._ws._stream
+        done = False
+        try:
+            await stream.send_all(rest)
+            done = True
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            done = True  # the holder's own write meets the same error and handles it
+        finally:
+            if not done:
+                # Cut short (cancelled): half a frame is on the wire, nothing may follow.
+                await trio.aclose_forcefully(stream)
 
     async def __aexit__(self, *exc_info: object) -> None:
         self._lock.release()
