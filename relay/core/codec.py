@@ -8,6 +8,7 @@ touches a socket.
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +24,16 @@ MIN_INT = -(2**63)
 MAX_INT = 2**64 - 1
 
 
+def loads_json(text: str | bytes) -> Any:
+    """Parse JSON text, refusing the non-standard ``NaN`` and ``Infinity`` literals.
+
+    Raises:
+        ValueError: the text is not valid JSON.
+        RecursionError: it is nested too deeply to parse.
+    """
+    return json.loads(text, parse_constant=_reject_constant)
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
@@ -31,7 +42,7 @@ def _reject_ext(code: int, data: bytes) -> Any:
     raise ValueError(f"msgpack extension type {code} is not supported")
 
 
-class Codec:
+class Codec(ABC):
     """One encoding: how to decode a client's payload and encode a server message."""
 
     name: str
@@ -39,11 +50,13 @@ class Codec:
     encoding: int
     opcode: int
 
+    @abstractmethod
     def decode(self, payload: str | bytes) -> dict[str, Any]:
-        raise NotImplementedError  # pragma: no cover - abstract
+        """Return the message in ``payload``, or raise BadRequest saying what is wrong."""
 
+    @abstractmethod
     def encode(self, message: dict[str, Any]) -> bytes:
-        raise NotImplementedError  # pragma: no cover - abstract
+        """Return ``message`` as this encoding's bytes."""
 
     def frame(self, message: dict[str, Any]) -> bytes:
         """Encode ``message`` and wrap it in one WebSocket frame."""
@@ -62,7 +75,7 @@ class JsonCodec(Codec):
                 f"binary frame on a {SUBPROTOCOL_JSON} connection; send JSON in text frames"
             )
         try:
-            obj = json.loads(payload, parse_constant=_reject_constant)
+            obj = loads_json(payload)
         except RecursionError:
             raise BadRequest("invalid JSON: nested too deeply") from None
         except ValueError as exc:

@@ -7,7 +7,6 @@ the front door owns the socket and h11. Errors are JSON objects
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -15,7 +14,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import trio
 
-from ..core.codec import check_json_compatible, dumps_json
+from ..core.codec import check_json_compatible, dumps_json, loads_json
 from ..core.envelope import validate_channel
 from ..errors import BadRequest, PeerError
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -104,7 +103,7 @@ def _not_allowed(allowed: str) -> Response:
 def _publish(server: RelayServer, body: bytes) -> Response:
     try:
         try:
-            obj = json.loads(body, parse_constant=_reject_constant)
+            obj = loads_json(body)
         except (ValueError, RecursionError) as exc:
             raise BadRequest(f"body is not valid JSON: {exc}") from None
         if not isinstance(obj, dict):
@@ -118,10 +117,6 @@ def _publish(server: RelayServer, body: bytes) -> Response:
     ch, pub = server.hub.publish(channel, obj["data"], trio.current_time())
     server.metrics.published.labels("http").inc()
     return json_response(200, {"channel": channel, "offset": pub.offset, "epoch": ch.log.epoch})
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
 
 
 def _int_param(query: dict[str, list[str]], name: str, minimum: int) -> int | None:
