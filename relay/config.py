@@ -139,6 +139,7 @@ class Config:
     heartbeat_timeout: float = 10.0
     handshake_timeout: float = 5.0
     http_idle_timeout: float = 30.0
+    poll_timeout: float = 25.0
     max_message_size: int = 65536
     send_queue_size: int = 1048576
     max_channel_length: int = 255
@@ -263,6 +264,7 @@ _CONFIG_SPECS: dict[str, _Spec] = {
     "heartbeat_timeout": _positive_seconds(),
     "handshake_timeout": _positive_seconds(),
     "http_idle_timeout": _positive_seconds(),
+    "poll_timeout": _positive_seconds(),
     "max_message_size": _int_range(1, MAX_MESSAGE_SIZE_BYTES),
     "send_queue_size": _int_range(1),
     "max_channel_length": _int_range(1, MAX_CHANNEL_LENGTH_LIMIT),

@@ -23,7 +23,7 @@ from wsproto.events import CloseConnection, Ping
 from .. import logs
 from ..core.auth import Identity
 from ..core.codec import BY_SUBPROTOCOL, JSON, SUPPORTED_SUBPROTOCOLS, Codec, negotiate
-from . import http_api
+from . import fallback, http_api
 from .ws import CLOSE_GOING_AWAY, CLOSE_GRACE_SECONDS, CLOSE_INTERNAL_ERROR, Connection
 
 if TYPE_CHECKING:
@@ -234,6 +234,12 @@ async def _serve(server: RelayServer, stream: trio.abc.Stream, peer: str) -> Non
             response = http_api.error_response(
                 413, "too_large", f"body exceeds max_message_size={cfg.max_message_size:,} bytes")
             route_name, close = "too_large", True
+        elif fallback.handles(event.target):
+            route_name, answer = await fallback.route(server, reader, method, event.target, body, headers, peer)
+            if answer is None:  # an event stream: it used the connection to its end
+                server.metrics.http_requests.labels(route_name, "200").inc()
+                return
+            response, close = answer, server.draining
         else:
             route_name, response = http_api.route(server, method, target, body, headers)
             close = server.draining
