@@ -13,6 +13,7 @@ import logging
 import random
 import signal
 import time
+from collections import deque
 from functools import partial
 
 import trio
@@ -97,6 +98,7 @@ class RelayServer:
             nursery.start_soon(self._listen, listeners, nursery)
             nursery.start_soon(self._sweeper)
             nursery.start_soon(self._flusher)
+            nursery.start_soon(self._heartbeater)
             log.info("relay listening on %s (node %s)", self.url, self.node_id)
             task_status.started(self)
 
@@ -142,6 +144,30 @@ class RelayServer:
                 self.bytes_sent += sent
                 for conn in wake:
                     conn.wake_writer()
+
+    async def _heartbeater(self) -> None:
+        """Ping every connection each ``heartbeat`` seconds; close those whose pong does
+        not come within ``heartbeat_timeout`` (1011).
+
+        One task for the whole server instead of one per connection: a ping pass, and a
+        pong check ``heartbeat_timeout`` after each ping pass. The ping frames go into
+        the connections' outboxes, the one ordered path of every outbound byte.
+        """
+        cfg = self.config
+        next_ping = trio.current_time() + cfg.heartbeat
+        checks: deque[float] = deque()
+        while True:
+            await trio.sleep_until(min(next_ping, checks[0]) if checks else next_ping)
+            now = trio.current_time()
+            while checks and checks[0] <= now:
+                checks.popleft()
+                for conn in list(self.connections.values()):
+                    conn.check_pong(now, cfg.heartbeat_timeout)
+            if next_ping <= now:
+                for conn in self.connections.values():
+                    conn.ping(now)
+                checks.append(now + cfg.heartbeat_timeout)
+                next_ping = now + cfg.heartbeat
 
     def add_connection(self, conn: Connection) -> None:
         self.connections[conn.id] = conn

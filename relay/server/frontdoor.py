@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from functools import partial
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import h11
@@ -18,7 +20,7 @@ import trio
 import trio_websocket
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
-from wsproto.events import CloseConnection, Ping
+from wsproto.events import CloseConnection, Event, Ping, Pong
 
 from .. import logs
 from ..core.auth import Identity
@@ -50,6 +52,12 @@ class ReplayStream(trio.abc.Stream):
     def __init__(self, inner: trio.abc.Stream, prefix: bytes) -> None:
         self._inner = inner
         self._prefix = prefix
+        #: Called once the replayed bytes have all been read.
+        self.on_replayed: Callable[[], None] | None = None
+
+    @property
+    def inner(self) -> trio.abc.Stream:
+        return self._inner
 
     @property
     def socket(self) -> trio.socket.SocketType | None:
@@ -60,6 +68,9 @@ class ReplayStream(trio.abc.Stream):
             await trio.lowlevel.checkpoint()
             n = len(self._prefix) if max_bytes is None else max_bytes
             data, self._prefix = self._prefix[:n], self._prefix[n:]
+            if not self._prefix and self.on_replayed is not None:
+                self.on_replayed()
+                self.on_replayed = None
             return data
         return await self._inner.receive_some(max_bytes)
 
@@ -82,6 +93,14 @@ class _ServerWebSocket(trio_websocket.WebSocketConnection):
     client only sees 1006. RFC 6455 says to send the close code first; this does.
     """
 
+    #: Called for every pong received (the connection's heartbeat bookkeeping).
+    on_pong: Callable[[], None] | None = None
+
+    async def _handle_pong_event(self, event: Pong) -> None:
+        if self.on_pong is not None:
+            self.on_pong()
+        await super()._handle_pong_event(event)
+
     async def _handle_ping_event(self, event: Ping) -> None:
         # A ping that crossed our close frame: RFC 6455 lets us ignore it, and wsproto
         # refuses to build a pong once the close is sent (LocalProtocolError).
@@ -95,12 +114,39 @@ class _ServerWebSocket(trio_websocket.WebSocketConnection):
         await super()._handle_close_connection_event(event)
 
 
+class _SpentHandshake:
+    """Stands in for wsproto's ``H11Handshake`` once a connection is open.
+
+    ``WSConnection`` only asks an open connection's handshake for left-over events;
+    dropping the real one frees its h11 parser for the connection's lifetime.
+    """
+
+    __slots__ = ()
+
+    def events(self) -> Iterator[Event]:
+        return iter(())
+
+
+_SPENT_HANDSHAKE = _SpentHandshake()
+
+
+def _release_handshake_state(ws: trio_websocket.WebSocketConnection) -> None:
+    """Free what an open connection no longer needs: the handshake's h11 parser."""
+    proto = ws._wsproto
+    if proto.connection is not None:  # its one event, the request, has been read
+        proto.handshake = _SPENT_HANDSHAKE
+
+
 async def _wrap_server_stream(nursery: trio.Nursery, stream: trio.abc.Stream,
                               max_message_size: int) -> trio_websocket.WebSocketRequest:
     """Like ``trio_websocket.wrap_server_stream``, with :class:`_ServerWebSocket`."""
     connection = _ServerWebSocket(
         stream, WSConnection(ConnectionType.SERVER), max_message_size=max_message_size,
         message_queue_size=MESSAGE_QUEUE_SIZE, receive_buffer_size=RECEIVE_BYTES)
+    if isinstance(stream, ReplayStream) and isinstance(stream.inner, trio.SocketStream):
+        # Once the request bytes are replayed, trio-websocket reads the socket directly
+        # (one layer less on every read; under TLS the SSLStream stays wrapped).
+        stream.on_replayed = partial(setattr, connection, "_stream", stream.inner)
     nursery.start_soon(connection._reader_task)
     return await connection._get_request()
 
@@ -134,6 +180,8 @@ class _Reader:
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES)
         self.raw = bytearray()
         self.keep_raw = True
+        #: The upgrade request between the request loop and the WebSocket handshake.
+        self.upgrade_request: h11.Request | None = None
 
     async def next_event(self) -> h11.Event | type[h11.PAUSED] | type[h11.NEED_DATA]:
         while True:
@@ -212,7 +260,11 @@ async def _serve(server: RelayServer, stream: trio.abc.Stream, peer: str) -> Non
                             400, "bad_request", "a WebSocket upgrade must be the first request"), close=True)
                         return
                     scope.deadline = trio.current_time() + cfg.handshake_timeout
-                    await _upgrade(server, reader, event, peer, scope)
+                    # Handed over through the reader so that no frame of this task keeps
+                    # the request's headers alive for the connection's lifetime.
+                    reader.upgrade_request = event
+                    del event
+                    await _upgrade(server, reader, peer, scope)
                     return
                 scope.deadline = trio.current_time() + cfg.handshake_timeout
                 reader.keep_raw = False
@@ -254,9 +306,10 @@ async def _serve(server: RelayServer, stream: trio.abc.Stream, peer: str) -> Non
         first = False
 
 
-async def _upgrade(server: RelayServer, reader: _Reader, request: h11.Request, peer: str,
-                   handshake: trio.CancelScope) -> None:
+async def _upgrade(server: RelayServer, reader: _Reader, peer: str, handshake: trio.CancelScope) -> None:
     metrics = server.metrics
+    request, reader.upgrade_request = reader.upgrade_request, None
+    assert request is not None
     path = request.target.split(b"?", 1)[0]
     if path != WS_PATH.encode():
         metrics.handshakes_refused.labels("not_found").inc()
@@ -267,6 +320,7 @@ async def _upgrade(server: RelayServer, reader: _Reader, request: h11.Request, p
     if isinstance(admission, http_api.Response):
         await _send(reader, admission, close=True)
         return
+    del request
     try:
         await _accept(server, reader, peer, handshake, admission.identity)
     finally:
@@ -337,4 +391,6 @@ async def _handshake(server: RelayServer, nursery: trio.Nursery,
         await ws_request.reject(503, body=b"server is draining; retry on another node\n")
         return None
     chosen = codec.subprotocol if ws_request.proposed_subprotocols else None
-    return await ws_request.accept(subprotocol=chosen)
+    ws = await ws_request.accept(subprotocol=chosen)
+    _release_handshake_state(ws)
+    return ws

@@ -1,4 +1,4 @@
-"""One WebSocket connection: its reader, writer and heartbeat tasks, and its send queue.
+"""One WebSocket connection: its reader and writer tasks, and its send queue.
 
 The reader decodes each client message and hands it to the hub (synchronously);
 every answer and every delivery goes into the connection's bounded
@@ -41,6 +41,8 @@ CLOSE_INTERNAL_ERROR = 1011
 #: How long an in-flight write may go on after the connection was told to close,
 #: and how long the close handshake may take, before the TCP connection is dropped.
 CLOSE_GRACE_SECONDS = 2.0
+#: The heartbeat ping; any pong counts as the answer.
+PING_FRAME = fastpath.encode_frame(fastpath.OP_PING, b"relay")
 
 
 class _HoldingLock:
@@ -99,7 +101,7 @@ class _HoldingLock:
 
 
 class Connection:
-    """A client connected over WebSocket; owns its reader, writer and heartbeat tasks."""
+    """A client connected over WebSocket; owns its reader and writer tasks (heartbeats: the server pings)."""
 
     def __init__(self, server: RelayServer, ws: WebSocketConnection, codec: Codec, remote: str,
                  identity: Identity = ANONYMOUS) -> None:
@@ -132,6 +134,9 @@ class Connection:
         if isinstance(sock, socket.socket):
             self.outbox.fd = sock.fileno()
         ws._stream_lock = _HoldingLock(ws._stream_lock, self.outbox, ws)
+        #: When the unanswered heartbeat ping was queued (None: none outstanding).
+        self._ping_sent: float | None = None
+        ws.on_pong = self._pong
 
     def __repr__(self) -> str:
         return f"<Connection {self.id} {self.remote} {self.codec.name}>"
@@ -162,6 +167,25 @@ class Connection:
                 )
         self._lot.unpark_all()
 
+    def ping(self, now: float) -> None:
+        """Queue a ping frame (the server's heartbeat task calls this every ``heartbeat``).
+
+        Nothing is sent while the previous ping is unanswered or once closing.
+        """
+        if self._ping_sent is None and self._close is None and not self._reader_done:
+            self._ping_sent = now
+            self.outbox.put(PING_FRAME)
+            self.wake()
+
+    def check_pong(self, now: float, timeout: float) -> None:
+        """Close with 1011 when the last ping has gone unanswered for ``timeout`` seconds."""
+        if self._ping_sent is not None and now - self._ping_sent >= timeout and self._close is None:
+            log.info("connection %s: no pong within %ss, closing", self.id, timeout)
+            self.kick(CLOSE_INTERNAL_ERROR, "heartbeat timeout")
+
+    def _pong(self) -> None:
+        self._ping_sent = None
+
     def send(self, message: dict[str, Any]) -> None:
         """Queue a direct answer (never dropped by the slow-consumer policy)."""
         self.outbox.put(self.codec.frame(message))
@@ -183,7 +207,6 @@ class Connection:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._reader)
-                nursery.start_soon(self._heartbeat)
                 nursery.start_soon(self.guard.watch_expiry, self)
                 await self._writer()
                 nursery.cancel_scope.cancel()
@@ -307,20 +330,6 @@ class Connection:
             self._peer_gone = self._close is None
             self._reader_done = True
             self._lot.unpark_all()
-
-    async def _heartbeat(self) -> None:
-        cfg = self.server.config
-        while True:
-            await trio.sleep(cfg.heartbeat)
-            with trio.move_on_after(cfg.heartbeat_timeout) as scope:
-                try:
-                    await self.ws.ping()
-                except ConnectionClosed:
-                    return
-            if scope.cancelled_caught:
-                log.info("connection %s: no pong within %ss, closing", self.id, cfg.heartbeat_timeout)
-                self.kick(CLOSE_INTERNAL_ERROR, "heartbeat timeout")
-                return
 
     # -- protocol ------------------------------------------------------------------------
 
