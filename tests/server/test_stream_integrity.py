@@ -926,6 +926,10 @@ async def test_trio_websocket_internals_the_server_relies_on_are_there() -> None
                  "_handle_ping_event", "_send", "_close_stream", "aclose", "ping"):
         assert callable(getattr(ws, name, None)), name
     assert callable(ws._recv_channel.receive_nowait)  # the reader handles what is parsed in one pass
+    assert callable(getattr(ws, "_handle_pong_event", None))  # heartbeat pongs are noted there
+    # an open connection's wsproto handshake is replaced by a stub with only events()
+    proto = ws._wsproto
+    assert proto.connection is None and callable(proto.handshake.events)
     assert ws.closed is None
     # the server reads the kernel socket of a trio socket for its direct sends
     sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
