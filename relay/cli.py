@@ -19,7 +19,7 @@ from importlib import metadata
 from . import logs
 from ._version import __version__
 from .client_cli import add_client_commands
-from .config import SECRET_KEYS, TABLE_KEYS, Config, load_config
+from .config import SECRET_KEYS, TABLE_KEYS, Config, load_config, redact_url
 from .errors import ConfigError
 
 LIBRARIES = ("trio", "trio-websocket", "wsproto", "h11", "msgpack")
@@ -70,6 +70,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--node-id", metavar="ID", help="this node's id (default: generated at start)")
     parser.add_argument("--tls-cert", metavar="FILE", help="TLS certificate chain (PEM): serve wss:// and https://")
     parser.add_argument("--tls-key", metavar="FILE", help="TLS private key (PEM) of --tls-cert")
+    parser.add_argument("--redis-url", metavar="URL", action="append",
+                        help="Redis server (redis:// or rediss://) shared by every node; give it again "
+                        "to shard channels over several (default: none, the in-memory broker)")
     parser.add_argument("--insecure", action="store_true", default=None,
                         help="allow anonymous clients on a non-loopback address (no authentication configured)")
 
@@ -84,6 +87,7 @@ def _load(args: argparse.Namespace) -> Config | None:
         "tls.cert": args.tls_cert,
         "tls.key": args.tls_key,
         "insecure": args.insecure,
+        "redis_url": args.redis_url,
     }
     try:
         return load_config(args.config, os.environ, flags)
@@ -133,7 +137,10 @@ def _config_as_toml(config: Config) -> str:
     for f in fields(config):
         if not f.init or f.name == "channels" or f.name in TABLE_KEYS:
             continue
-        lines.append(f"{f.name} = {_toml_value(getattr(config, f.name))}")
+        value = getattr(config, f.name)
+        if f.name == "redis_url":
+            value = tuple(redact_url(url) for url in value)  # never print a password
+        lines.append(f"{f.name} = {_toml_item(value)}")
     for table in TABLE_KEYS:
         lines.append("")
         lines.append(f"[{table}]")

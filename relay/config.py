@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from fnmatch import fnmatchcase
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from .errors import ConfigError
 
@@ -30,6 +31,7 @@ SLOW_CONSUMER_POLICIES = ("disconnect", "drop", "conflate")
 DEFAULT_SLOW_CONSUMER = {"stream": "disconnect", "state": "conflate", "poke": "conflate"}
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
+REDIS_SCHEMES = ("redis", "rediss")
 
 ENV_PREFIX = "RELAY_"
 CONFIG_PATH_ENV = "RELAY_CONFIG"
@@ -147,6 +149,9 @@ class Config:
     drain_window: float = 5.0
     insecure: bool = False
     log_format: str = "text"
+    #: Redis servers (``redis://`` or ``rediss://`` URLs); empty: the in-memory broker.
+    #: Several URLs shard channels over them (consistent hashing of the channel name).
+    redis_url: tuple[str, ...] = field(default=(), repr=False)
     auth: AuthConfig = AuthConfig()
     limits: LimitsConfig = LimitsConfig()
     tls: TlsConfig = TlsConfig()
@@ -201,6 +206,38 @@ def effective_node_id(cfg: Config) -> str:
     return cfg.node_id or generate_node_id()
 
 
+def redact_url(url: str) -> str:
+    """Return ``url`` with any password replaced by ``***`` (for logs and error messages)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def redis_url_problem(url: str) -> str | None:
+    """Say what is wrong with one Redis URL, or return None when relay can use it."""
+    shown = redact_url(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        return f"{shown!r}: {exc}"
+    if parts.scheme not in REDIS_SCHEMES:
+        return f"{shown!r}: the scheme must be redis:// or rediss:// (TLS), not {parts.scheme + '://' if parts.scheme else 'missing'}"
+    if not parts.hostname:
+        return f"{shown!r}: no host"
+    if port == 0:
+        return f"{shown!r}: port 0 is not a Redis port"
+    db = parts.path.lstrip("/")
+    if db and not (db.isdigit() and int(db) < 2**31):
+        return f"{shown!r}: the path must be a database number such as /0, not /{db}"
+    if parts.query or parts.fragment:
+        return f"{shown!r}: query options and fragments are not supported"
+    return None
+
+
 # --------------------------------------------------------------------------- field specs
 
 
@@ -214,6 +251,10 @@ class _Spec:
     normalize: Callable[[Any], Any] = lambda value: value
     #: Never show the value in an error message (it is a secret).
     secret: bool = False
+    #: A list key that also takes one string (TOML ``redis_url = "redis://..."``).
+    single: bool = False
+    #: Says what is wrong with a value, with secrets masked (None: it is fine).
+    problem: Callable[[Any], str | None] | None = None
 
 
 def _int_range(low: int, high: int | None = None) -> _Spec:
@@ -272,6 +313,14 @@ _CONFIG_SPECS: dict[str, _Spec] = {
     "drain_window": _non_negative_seconds(),
     "insecure": _Spec(bool, "true or false"),
     "log_format": _one_of(LOG_FORMATS, fold_case=True),
+    "redis_url": _Spec(
+        tuple,
+        "redis://[[user]:password@]host[:port][/db] or rediss:// (TLS) URLs; several of them "
+        "(a TOML array, or comma-separated) shard the channels",
+        single=True,
+        problem=lambda urls: next(filter(None, map(redis_url_problem, urls)), None) or (
+            "the same URL is given twice" if len(set(urls)) != len(urls) else None),
+    ),
 }
 
 _AUTH_SPECS: dict[str, _Spec] = {
@@ -427,6 +476,8 @@ def _coerce_value(spec: _Spec, value: object, *, source: str, key: str, from_tex
             result = tuple(item.strip() for item in value.split(",")) if value.strip() else ()
         elif isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value):
             result = tuple(value)
+        elif spec.single and isinstance(value, str):
+            result = (value,)
         else:
             raise _not_allowed(source, key, value, spec.expected)
     elif spec.kind is int:
@@ -455,6 +506,9 @@ def _coerce_value(spec: _Spec, value: object, *, source: str, key: str, from_tex
         raise TypeError(f"unsupported kind {spec.kind!r}")
     if not spec.check(result):
         raise _not_allowed(source, key, value, spec.expected)
+    if spec.problem is not None and (problem := spec.problem(result)) is not None:
+        raise ConfigError(f"{source}: {key} is not allowed: {problem}; expected {spec.expected}",
+                          key=key, source=source)
     return spec.normalize(result)
 
 
@@ -767,4 +821,6 @@ __all__ = [
     "effective_node_id",
     "generate_node_id",
     "load_config",
+    "redact_url",
+    "redis_url_problem",
 ]

@@ -4,6 +4,8 @@
 
     RelayError                      base of everything below
     ├── ConfigError                 bad configuration (names the key, the source, what is allowed)
+    ├── Unavailable                 a broker (Redis) cannot take the request now
+    │                               -> error code "unavailable" (HTTP 503)
     └── PeerError                   the peer did something wrong; carries the wire answer
         ├── BadRequest              malformed or invalid message      -> error code "bad_request"
         ├── Unauthorized            missing or invalid token          -> error code "unauthorized"
@@ -36,6 +38,21 @@ class ConfigError(RelayError):
         super().__init__(message)
         self.key = key
         self.source = source
+
+
+class Unavailable(RelayError):
+    """The broker relay needs (Redis) is unreachable, too slow or overloaded (``unavailable``).
+
+    Not the peer's fault: a publish that gets it may be retried later. Like a
+    :class:`PeerError` it carries the wire ``code`` and the request's ``ref``.
+    """
+
+    code = "unavailable"
+
+    def __init__(self, message: str, *, ref: Any = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.ref = ref
 
 
 class PeerError(RelayError):
@@ -91,5 +108,5 @@ class RateLimited(PeerError):
 
 __all__ = [
     "RelayError", "ConfigError", "PeerError", "BadRequest", "Unauthorized", "Forbidden",
-    "TooLarge", "RateLimited",
+    "TooLarge", "RateLimited", "Unavailable",
 ]

@@ -17,12 +17,21 @@ from ..fastpath import N_ENCODINGS
 
 @dataclass(slots=True)
 class Publication:
-    """A message published to a channel, with its frames cached per encoding."""
+    """A message published to a channel, with its frames cached per encoding.
+
+    ``trace`` (a hex id) and ``ingress`` (unix seconds when the node that took the
+    publish received it) follow the message across nodes, for logs and latency
+    metrics. ``epoch``, when not empty, is put in the message's frames: the channel's
+    epoch changed right before this message (its history was lost).
+    """
 
     offset: int
     data: Any
     time: float
     frames: list[bytes | None] = field(default_factory=lambda: [None] * N_ENCODINGS)
+    trace: str = ""
+    ingress: float = 0.0
+    epoch: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,10 +55,10 @@ class ChannelLog:
         self.latest: Publication | None = None
         self._ring: deque[Publication] = deque(maxlen=size if size > 0 else 0)
 
-    def append(self, data: Any, now: float) -> Publication:
+    def append(self, data: Any, now: float, trace: str = "", ingress: float = 0.0) -> Publication:
         """Assign the next offset to ``data`` and retain it."""
         self.offset += 1
-        pub = Publication(self.offset, data, now)
+        pub = Publication(self.offset, data, now, trace=trace, ingress=ingress)
         self.latest = pub
         if self.size > 0:
             self._ring.append(pub)

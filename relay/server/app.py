@@ -15,16 +15,21 @@ import signal
 import time
 from collections import deque
 from functools import partial
+from typing import TYPE_CHECKING
 
 import trio
 
 from .. import fastpath
 from ..config import Config, effective_node_id
+from ..errors import ConfigError
 from ..metrics import Metrics
 from .frontdoor import handle_stream
 from .hub import Hub
 from .security import build_security, build_ssl_context
 from .ws import CLOSE_GOING_AWAY, Connection
+
+if TYPE_CHECKING:
+    from ..broker.bridge import RedisBridge
 
 log = logging.getLogger("relay.server")
 
@@ -55,6 +60,8 @@ class RelayServer:
             lambda: [conn.outbox.size for conn in self.connections.values()],
             self.security.caps.addresses)
         self.hub = Hub(config, self.metrics)
+        if config.redis_url:
+            self.hub.broker = _redis_bridge(config, self.hub, self.node_id)
         self.metrics.bind_channels(lambda: self.hub.statistics().channels)
         self.connections: dict[str, Connection] = {}
         #: Bytes written to WebSocket connections (read by the metrics at scrape time).
@@ -67,6 +74,14 @@ class RelayServer:
         self._nursery: trio.Nursery | None = None
         self._listen_scope = trio.CancelScope()
         self._emptied = trio.Event()
+
+    def not_ready(self) -> str | None:
+        """Why ``/readyz`` answers 503 (draining, or Redis unreachable), or None."""
+        if self.draining:
+            return "draining"
+        if self.hub.broker is not None:
+            return self.hub.broker.problem()
+        return None
 
     @property
     def url(self) -> str:
@@ -95,6 +110,8 @@ class RelayServer:
         self.port = listeners[0].socket.getsockname()[1]
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            if self.hub.broker is not None:
+                await nursery.start(self.hub.broker.run)
             nursery.start_soon(self._listen, listeners, nursery)
             nursery.start_soon(self._sweeper)
             nursery.start_soon(self._flusher)
@@ -217,6 +234,16 @@ class RelayServer:
         """Cancel everything at once."""
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
+
+
+def _redis_bridge(config: Config, hub: Hub, node_id: str) -> RedisBridge:
+    try:
+        from ..broker.bridge import RedisBridge
+    except ImportError as exc:
+        raise ConfigError(
+            f"redis_url is set but the Redis client libraries are missing ({exc.name}); "
+            "install them with: pip install 'relay[redis]'", key="redis_url") from None
+    return RedisBridge(config, hub, node_id)
 
 
 async def run_server(config: Config) -> int:

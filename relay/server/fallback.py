@@ -51,7 +51,7 @@ from ..core.auth import Identity
 from ..core.codec import JsonCodec, check_json_compatible, dumps_json, loads_json
 from ..core.envelope import Since, validate_channel
 from ..core.ratelimit import MessageLimiter, Verdict
-from ..errors import BadRequest, Forbidden, PeerError, Unauthorized
+from ..errors import BadRequest, Forbidden, PeerError, Unauthorized, Unavailable
 from .http_api import JSON_TYPE, Response, error_response, json_response
 from .security import CLOSE_RATE_LIMITED, Guard, header, peer_ip
 from .ws import CLOSE_GRACE_SECONDS
@@ -465,7 +465,7 @@ async def route(server: RelayServer, reader: Any, method: str, target: bytes, bo
     if path == PUBLISH_PATH:
         if method != "POST":
             return name, _cors(headers, _not_allowed("POST"))
-        return name, _cors(headers, _publish(server, target, body, headers, peer))
+        return name, _cors(headers, await _publish(server, target, body, headers, peer))
     if method != "GET":
         return name, _cors(headers, _not_allowed("GET"))
     if path == POLL_PATH:
@@ -474,8 +474,8 @@ async def route(server: RelayServer, reader: Any, method: str, target: bytes, bo
     return name, None if response is None else _cors(headers, response)
 
 
-def _publish(server: RelayServer, target: bytes, body: bytes, headers: Sequence[tuple[bytes, bytes]],
-             peer: str) -> Response:
+async def _publish(server: RelayServer, target: bytes, body: bytes, headers: Sequence[tuple[bytes, bytes]],
+                   peer: str) -> Response:
     security = server.security
     refusal = security.check_origin(headers)
     if refusal is not None:
@@ -509,9 +509,13 @@ def _publish(server: RelayServer, target: bytes, body: bytes, headers: Sequence[
         server.metrics.errors.labels(exc.code).inc()
         return _peer_error(exc)
     server.metrics.messages_in.labels("publish").inc()
-    ch, pub = server.hub.publish(channel, obj["data"], trio.current_time())
+    try:
+        result = await server.hub.publish_wait(channel, obj["data"], trio.current_time())
+    except Unavailable as exc:  # Redis is down: 503, never a silent drop
+        server.metrics.errors.labels(exc.code).inc()
+        return error_response(503, exc.code, exc.message)
     server.metrics.published.labels("http_client").inc()
-    return json_response(200, {"channel": channel, "offset": pub.offset, "epoch": ch.log.epoch})
+    return json_response(200, {"channel": channel, "offset": result.offset, "epoch": result.epoch})
 
 
 async def _watch_peer(stream: trio.abc.Stream, reader: Any, gone: trio.CancelScope) -> None:

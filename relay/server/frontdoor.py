@@ -293,7 +293,7 @@ async def _serve(server: RelayServer, stream: trio.abc.Stream, peer: str) -> Non
                 return
             response, close = answer, server.draining
         else:
-            route_name, response = http_api.route(server, method, target, body, headers)
+            route_name, response = await http_api.route(server, method, target, body, headers)
             close = server.draining
         server.metrics.http_requests.labels(route_name, str(response.status)).inc()
         await _send(reader, response, method=method, close=close)

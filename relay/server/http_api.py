@@ -16,7 +16,7 @@ import trio
 
 from ..core.codec import check_json_compatible, dumps_json, loads_json
 from ..core.envelope import validate_channel
-from ..errors import BadRequest, PeerError
+from ..errors import BadRequest, PeerError, Unavailable
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from . import stats
 
@@ -47,8 +47,8 @@ def error_response(status: int, code: str, message: str) -> Response:
 _STATUS_BY_CODE = {"bad_request": 400, "forbidden": 403, "too_large": 413, "unknown_channel": 404}
 
 
-def route(server: RelayServer, method: str, target: str, body: bytes,
-          headers: Sequence[tuple[bytes, bytes]] = ()) -> tuple[str, Response]:
+async def route(server: RelayServer, method: str, target: str, body: bytes,
+                headers: Sequence[tuple[bytes, bytes]] = ()) -> tuple[str, Response]:
     """Answer one request; return the route name (for metrics) and the response.
 
     ``headers`` are the request's (lower-case names, as h11 gives them); the publish and
@@ -61,8 +61,8 @@ def route(server: RelayServer, method: str, target: str, body: bytes,
     if path == "/readyz":
         if (r := _only_get(method)) is not None:
             return "readyz", r
-        if server.draining:
-            return "readyz", Response(503, b"draining\n")
+        if (why := server.not_ready()) is not None:
+            return "readyz", Response(503, why.encode() + b"\n")
         return "readyz", Response(200, b"ready\n")
     if path == "/stats":
         return "stats", _only_get(method) or json_response(200, stats.snapshot(server))
@@ -78,7 +78,7 @@ def route(server: RelayServer, method: str, target: str, body: bytes,
         refusal = server.security.check_origin(headers) or server.security.check_api_key(headers)
         if refusal is not None:
             return "publish", refusal
-        return "publish", _publish(server, body)
+        return "publish", await _publish(server, body)
     if path.startswith(HISTORY_PREFIX) and path.endswith(HISTORY_SUFFIX):
         if (r := _only_get(method)) is not None:
             return "history", r
@@ -86,7 +86,7 @@ def route(server: RelayServer, method: str, target: str, body: bytes,
         refusal = server.security.check_reader(headers, target, channel)
         if refusal is not None:
             return "history", refusal
-        return "history", _history(server, channel, query)
+        return "history", await _history(server, channel, query)
     return "not_found", error_response(404, "not_found", f"no route for {path}")
 
 
@@ -100,7 +100,7 @@ def _not_allowed(allowed: str) -> Response:
     return r
 
 
-def _publish(server: RelayServer, body: bytes) -> Response:
+async def _publish(server: RelayServer, body: bytes) -> Response:
     try:
         try:
             obj = loads_json(body)
@@ -114,9 +114,13 @@ def _publish(server: RelayServer, body: bytes) -> Response:
         check_json_compatible(obj["data"])
     except PeerError as exc:
         return error_response(_STATUS_BY_CODE.get(exc.code, 400), exc.code, exc.message)
-    ch, pub = server.hub.publish(channel, obj["data"], trio.current_time())
+    try:
+        result = await server.hub.publish_wait(channel, obj["data"], trio.current_time())
+    except Unavailable as exc:
+        server.metrics.errors.labels(exc.code).inc()
+        return error_response(503, exc.code, exc.message)
     server.metrics.published.labels("http").inc()
-    return json_response(200, {"channel": channel, "offset": pub.offset, "epoch": ch.log.epoch})
+    return json_response(200, {"channel": channel, "offset": result.offset, "epoch": result.epoch})
 
 
 def _int_param(query: dict[str, list[str]], name: str, minimum: int) -> int | None:
@@ -132,21 +136,23 @@ def _int_param(query: dict[str, list[str]], name: str, minimum: int) -> int | No
     return value
 
 
-def _history(server: RelayServer, channel: str, query: dict[str, list[str]]) -> Response:
+async def _history(server: RelayServer, channel: str, query: dict[str, list[str]]) -> Response:
     try:
         validate_channel(channel, server.config.max_channel_length)
         since = _int_param(query, "since", 0)
         limit = _int_param(query, "limit", 1)
     except PeerError as exc:
         return error_response(400, exc.code, exc.message)
-    found = server.hub.history(channel, trio.current_time(), since, limit)
+    try:
+        found = await server.hub.history_wait(channel, trio.current_time(), since, limit)
+    except Unavailable as exc:
+        return error_response(503, exc.code, exc.message)
     if found is None:
         return error_response(404, "unknown_channel", f"channel {channel!r} has no messages")
-    ch, pubs = found
     return json_response(200, {
         "channel": channel,
-        "epoch": ch.log.epoch,
-        "offset": ch.log.offset,
-        "mode": ch.options.mode,
-        "publications": [{"offset": p.offset, "data": p.data} for p in pubs],
+        "epoch": found.epoch,
+        "offset": found.offset,
+        "mode": found.mode,
+        "publications": [{"offset": p.offset, "data": p.data} for p in found.publications],
     })

@@ -1,6 +1,9 @@
 """Channels and fan-out on one node: who is subscribed where, and who gets which frame.
 
-The hub owns every channel's log (epoch, offsets, history) and members. A publish
+The hub owns every channel's members and, with the in-memory broker (the default),
+its log (epoch, offsets, history). With Redis (``redis_url``) the hub hands
+publish, subscribe and history to :class:`relay.broker.bridge.RedisBridge`, which
+calls :meth:`Hub.deliver` for each message in offset order. A publish
 is encoded once per encoding that some member reads, and the same frame bytes are
 handed to the compiled fan-out, which appends them to each subscriber's bounded
 outbox; the channel's slow-consumer policy applies at the bound. The hub never
@@ -10,7 +13,9 @@ other, so a subscriber's recovered messages and its live ones join without a gap
 
 from __future__ import annotations
 
+import random
 import secrets
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -18,12 +23,16 @@ from typing import TYPE_CHECKING, Any, Protocol
 from .. import fastpath
 from ..core.codec import CODECS, Codec
 from ..core.envelope import Ref, Since
+from ..broker import HistoryView, PublishResult
 from ..core.history import ChannelLog, Publication
-from ..errors import BadRequest
+from ..errors import BadRequest, RelayError
 
 if TYPE_CHECKING:
+    from ..broker.bridge import RedisBridge
     from ..config import ChannelOptions, Config
     from ..metrics import Metrics
+
+PublishDone = Callable[[PublishResult | RelayError], None]
 
 _POLICIES = {
     "disconnect": fastpath.POLICY_DISCONNECT,
@@ -79,12 +88,19 @@ class Channel:
                 msg: dict[str, Any] = {"type": "poke", "channel": self.name, "offset": pub.offset}
             else:
                 msg = {"type": "message", "channel": self.name, "offset": pub.offset, "data": pub.data}
+                if pub.epoch:
+                    msg["epoch"] = pub.epoch
             frame = pub.frames[encoding] = CODECS[encoding].frame(msg)
         return frame
 
 
 def _nothing() -> None:
     pass
+
+
+def new_trace_id() -> str:
+    """Return a fresh trace id: 16 hex digits."""
+    return f"{random.getrandbits(64):016x}"
 
 
 class Hub:
@@ -100,6 +116,8 @@ class Hub:
         self.wake_flusher: Callable[[], None] = _nothing
         #: Messages published on this node (the flusher watches it to batch input).
         self.publications = 0
+        #: The Redis engine when ``redis_url`` is set (set by the server); None: in memory.
+        self.broker: RedisBridge | None = None
 
     def __iter__(self) -> Iterator[Channel]:
         return iter(self._channels.values())
@@ -111,9 +129,15 @@ class Hub:
         """Return the channel ``name``, creating it (with a new epoch) when absent."""
         ch = self._channels.get(name)
         if ch is None:
-            ch = Channel(name, self._config.channel_options(name), secrets.token_hex(4), now)
+            # With Redis the epoch is Redis' (the bridge fills it in once it has read it).
+            epoch = "" if self.broker is not None else secrets.token_hex(4)
+            ch = Channel(name, self._config.channel_options(name), epoch, now)
             self._channels[name] = ch
         return ch
+
+    def forget(self, name: str) -> None:
+        """Drop channel ``name`` (with Redis: its last local subscriber left)."""
+        self._channels.pop(name, None)
 
     def statistics(self) -> HubStatistics:
         return HubStatistics(
@@ -122,15 +146,56 @@ class Hub:
         )
 
     def publish(self, name: str, data: Any, now: float) -> tuple[Channel, Publication]:
-        """Append ``data`` to channel ``name`` and deliver it to every member.
+        """Append ``data`` to channel ``name`` and deliver it to every member (in memory).
 
         Each encoding in use is serialized and framed once; members whose outbox
-        overflows under the ``disconnect`` policy are kicked with 4002.
+        overflows under the ``disconnect`` policy are kicked with 4002. With Redis the
+        offset comes from Redis: use :meth:`submit` or :meth:`publish_wait` instead.
+
+        Raises:
+            RuntimeError: the hub runs on Redis.
         """
+        if self.broker is not None:
+            raise RuntimeError("with redis_url, publish through Hub.submit or Hub.publish_wait")
         ch = self.channel(name, now)
-        pub = ch.log.append(data, now)
-        self.publications += 1
+        pub = ch.log.append(data, now, new_trace_id(), time.time())
         ch.last_active = now
+        self.deliver(ch, pub)
+        return ch, pub
+
+    def submit(self, name: str, data: Any, now: float, done: PublishDone) -> None:
+        """Publish ``data`` to ``name``; ``done`` gets the result or the error.
+
+        In memory ``done`` is called before this returns; with Redis, once Redis
+        answered (publishes queued in one scheduling pass leave in one pipelined write).
+
+        Raises:
+            Unavailable: Redis is unreachable or overloaded right now (``done`` is not called).
+        """
+        if self.broker is not None:
+            self.broker.submit(name, data, now, done)
+            return
+        ch, pub = self.publish(name, data, now)
+        done(PublishResult(name, ch.log.epoch, pub.offset, pub.trace, pub.ingress))
+
+    async def publish_wait(self, name: str, data: Any, now: float) -> PublishResult:
+        """Publish ``data`` to ``name`` and return its epoch and offset.
+
+        Raises:
+            Unavailable: Redis is unreachable, overloaded, or the connection was lost
+                before it answered (the message may or may not have been published).
+
+        If cancelled after the message was sent to Redis, it is still published.
+        """
+        if self.broker is None:
+            ch, pub = self.publish(name, data, now)
+            return PublishResult(name, ch.log.epoch, pub.offset, pub.trace, pub.ingress)
+        return await self.broker.publish(name, data, now)
+
+    def deliver(self, ch: Channel, pub: Publication) -> None:
+        """Hand ``pub`` (the channel's next message) to every member: encode once per
+        encoding in use, offer the frames, wake the flusher, kick overflowing members."""
+        self.publications += 1
         members = ch.members
         if len(members):
             frames = tuple(
@@ -138,7 +203,7 @@ class Hub:
                 for enc in range(fastpath.N_ENCODINGS)
             )
             dirty = self.dirty
-            overflowed = fastpath.fanout_into(members, frames, name, ch.policy, pub.offset, dirty)
+            overflowed = fastpath.fanout_into(members, frames, ch.name, ch.policy, pub.offset, dirty)
             if dirty:
                 self.wake_flusher()
             for sub in overflowed:
@@ -147,7 +212,6 @@ class Hub:
                 self._metrics.delivered(len(members), ch.options.mode)
                 if overflowed:
                     self._metrics.slow_consumer("disconnect", len(overflowed))
-        return ch, pub
 
     def subscribe(self, sub: Subscriber, name: str, since: Since | None, ref: Ref, now: float) -> None:
         """Subscribe ``sub`` to ``name``: queue ``subscribed``, then what it missed or the
@@ -158,6 +222,10 @@ class Hub:
         """
         if name in sub.subscriptions:
             raise BadRequest(f"already subscribed to {name!r}", ref=ref)
+        if self.broker is not None:
+            # Answered later, once Redis told the channel's epoch, offset and what was missed.
+            self.broker.subscribe(sub, name, since, ref, now)
+            return
         ch = self.channel(name, now)
         log, mode, enc = ch.log, ch.options.mode, sub.codec.encoding
         follow: tuple[Publication, ...] = ()
@@ -191,6 +259,9 @@ class Hub:
         if name not in sub.subscriptions:
             return
         sub.subscriptions.discard(name)
+        if self.broker is not None:
+            self.broker.unsubscribe(sub, name)
+            return
         ch = self._channels.get(name)
         if ch is not None:
             ch.members.remove(sub.outbox)
@@ -202,14 +273,43 @@ class Hub:
             self.unsubscribe(sub, name, now)
 
     def history(self, name: str, now: float, since: int | None, limit: int | None) -> tuple[Channel, list[Publication]] | None:
-        """Return the channel and its retained publications, or None for an unknown channel."""
+        """Return the channel and its retained publications, or None for an unknown channel.
+
+        In memory only; with Redis use :meth:`history_wait`.
+
+        Raises:
+            RuntimeError: the hub runs on Redis.
+        """
+        if self.broker is not None:
+            raise RuntimeError("with redis_url, read history through Hub.history_wait")
         ch = self._channels.get(name)
         if ch is None:
             return None
         return ch, ch.log.history(now, since, limit)
 
+    async def history_wait(self, name: str, now: float, since: int | None,
+                           limit: int | None) -> HistoryView | None:
+        """Return a channel's retained publications (from Redis when configured), or None
+        for a channel that has none and no epoch.
+
+        Raises:
+            Unavailable: Redis is unreachable.
+        """
+        if self.broker is not None:
+            return await self.broker.history(name, since, limit)
+        found = self.history(name, now, since, limit)
+        if found is None:
+            return None
+        ch, pubs = found
+        return HistoryView(name, ch.log.epoch, ch.log.offset, ch.options.mode, tuple(pubs))
+
     def sweep(self, now: float) -> int:
-        """Forget channels with no members whose history has expired; return how many."""
+        """Forget channels with no members whose history has expired; return how many.
+
+        With Redis channels are forgotten as soon as their last subscriber leaves.
+        """
+        if self.broker is not None:
+            return 0
         dead = [
             name for name, ch in self._channels.items()
             if not len(ch.members) and ch.log.is_expired(now, ch.last_active)

@@ -17,6 +17,7 @@ import logging
 import secrets
 import socket
 import time
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -27,7 +28,8 @@ from .. import fastpath
 from ..core import envelope
 from ..core.codec import Codec, check_json_compatible
 from ..core.auth import ANONYMOUS, Identity
-from ..errors import Forbidden, PeerError
+from ..broker import PublishResult
+from ..errors import Forbidden, PeerError, RelayError, Unavailable
 from .hub import with_ref
 from .security import Guard
 
@@ -347,6 +349,19 @@ class Connection:
         except PeerError as exc:
             metrics.messages_in.labels("invalid").inc()
             self.send_error(exc.code, exc.message, exc.ref)
+        except Unavailable as exc:  # Redis is down: the request is answered, not dropped
+            self.send_error(exc.code, exc.message, exc.ref)
+
+    def _published(self, ref: envelope.Ref, result: PublishResult | RelayError) -> None:
+        """Answer a publish once its offset is known (at once in memory, later with Redis)."""
+        if isinstance(result, RelayError):
+            # With Redis: the connection to it was lost or it refused; never dropped silently.
+            self.send_error(getattr(result, "code", "internal"), str(result), ref)
+            return
+        self.server.metrics.published.labels("websocket").inc()
+        if ref is not None:
+            self.send({"type": "ack", "ref": ref, "channel": result.channel,
+                       "offset": result.offset, "epoch": result.epoch})
 
     def dispatch(self, env: envelope.Envelope) -> None:
         server, now = self.server, trio.current_time()
@@ -362,11 +377,7 @@ class Connection:
             except PeerError as exc:
                 exc.ref = env.ref
                 raise
-            ch, pub = server.hub.publish(env.channel, env.data, now)
-            server.metrics.published.labels("websocket").inc()
-            if env.ref is not None:
-                self.send({"type": "ack", "ref": env.ref, "channel": env.channel,
-                           "offset": pub.offset, "epoch": ch.log.epoch})
+            server.hub.submit(env.channel, env.data, now, partial(self._published, env.ref))
         elif isinstance(env, envelope.Subscribe):
             self.guard.check_subscribe(env.channel, self.subscriptions, env.ref)
             server.hub.subscribe(self, env.channel, env.since, env.ref, now)

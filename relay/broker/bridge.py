@@ -1,0 +1,716 @@
+"""The Redis engine: one order and one history per channel for every node.
+
+Data model, per channel ``C`` (the ``{C}`` hash tag keeps a channel's keys on one
+Redis Cluster slot):
+
+- ``relay:{C}:m``  hash: ``e`` the epoch, ``s`` the last offset; lives ``META_TTL_SECONDS``
+  (or ``history_ttl`` when longer) after the last publish;
+- ``relay:{C}:s``  stream: one entry per message, id ``<offset>-0``, field ``d`` = msgpack
+  ``[data, trace, ingress]``; trimmed to ``history_size`` (exactly), expires ``history_ttl``
+  after the last publish;
+- ``relay:{C}``    the pub/sub channel; a message is ``b"<epoch> <offset> <body>"``.
+
+One Lua script per publish (``PUBLISH_LUA``) assigns the offset, appends to the
+stream and publishes, atomically. A node subscribes to ``relay:{C}`` only while it has
+local subscribers for ``C`` (once per channel), and delivers what arrives in offset
+order through :meth:`relay.server.hub.Hub.deliver`: a message with a later offset than
+the next one, or another epoch, holds the live stream (buffered, bounded) while the
+missing range is read from the stream (``HISTORY_LUA``); what the stream no longer has is
+announced to the members with ``gap``, and a new epoch travels in the next message.
+
+A subscriber with ``since`` gets what it missed from the stream, joined to the live
+stream without gap or duplicate: its cursor is the stream's top when the history read
+ran; it joins the members once the live cursor reaches it, so live messages already
+covered by the history are not sent again.
+
+Each Redis URL is a :class:`Shard` (two connections: pipelined commands, pub/sub) that
+reconnects with exponential backoff and full jitter, then resubscribes every channel
+with local interest and catches each one up from the stream. Channels are spread over
+shards by consistent hashing (:mod:`relay.broker.ring`).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import secrets
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import hiredis
+import msgpack
+import trio
+
+from ..config import Config
+from ..core.envelope import Ref, Since
+from ..core.history import Publication
+from ..errors import RelayError, Unavailable
+from . import HistoryView, PublishResult
+from .redis import ConnectionLost, Endpoint, Link, Pipeline, PubSub
+from .ring import HashRing
+
+if TYPE_CHECKING:
+    from ..server.hub import Hub, PublishDone, Subscriber
+
+log = logging.getLogger("relay.broker")
+
+#: Reconnection delays: exponential from the first to the last, each drawn uniformly
+#: from [delay/2, delay] (jitter, so nodes do not reconnect in step).
+BACKOFF_FIRST_SECONDS = 0.05
+BACKOFF_MAX_SECONDS = 2.0
+#: Both connections are pinged this often; no answer within PING_TIMEOUT_SECONDS and the
+#: shard reconnects (a Redis that stopped answering is treated as down).
+PING_EVERY_SECONDS = 1.0
+PING_TIMEOUT_SECONDS = 3.0
+#: Commands that may wait for Redis replies per shard (publishes beyond get ``unavailable``).
+MAX_PENDING_COMMANDS = 20_000
+#: Live messages held per channel while its history is read; past it they are dropped
+#: and read back from the stream instead.
+MAX_BUFFERED = 10_000
+#: How long the epoch and offset counter of an idle channel are kept at least.
+META_TTL_SECONDS = 86_400.0
+#: Entries read per history round trip at most.
+MAX_FETCH = 10_000
+#: History reads a joining subscriber may need to reach the live stream.
+MAX_JOIN_ROUNDS = 8
+
+PUBLISH_LUA = """
+local epoch = redis.call('hget', KEYS[1], 'e')
+if not epoch then
+  epoch = ARGV[4]
+  redis.call('hset', KEYS[1], 'e', epoch)
+  redis.call('del', KEYS[2])
+end
+local offset = redis.call('hincrby', KEYS[1], 's', 1)
+redis.call('xadd', KEYS[2], 'MAXLEN', ARGV[2], offset .. '-0', 'd', ARGV[1])
+redis.call('pexpire', KEYS[2], ARGV[3])
+redis.call('pexpire', KEYS[1], ARGV[5])
+redis.call(ARGV[7], ARGV[6], epoch .. ' ' .. offset .. ' ' .. ARGV[1])
+return {epoch, offset}
+"""
+
+# ARGV: 1 what ('top', 'since', 'last'), 2 since offset, 3 count, 4 epoch to create when
+# there is none ('' = create none), 5 meta ttl ms. Returns {epoch or '', top, entries}.
+HISTORY_LUA = """
+local epoch = redis.call('hget', KEYS[1], 'e')
+if not epoch then
+  if ARGV[4] == '' then return {'', 0, {}} end
+  epoch = ARGV[4]
+  redis.call('hset', KEYS[1], 'e', epoch)
+  redis.call('pexpire', KEYS[1], ARGV[5])
+  redis.call('del', KEYS[2])
+end
+local top = tonumber(redis.call('hget', KEYS[1], 's') or '0')
+local entries = {}
+if ARGV[1] == 'since' then
+  entries = redis.call('xrange', KEYS[2], '(' .. ARGV[2] .. '-0', '+', 'COUNT', ARGV[3])
+elseif ARGV[1] == 'last' then
+  entries = redis.call('xrevrange', KEYS[2], '+', '-', 'COUNT', ARGV[3])
+end
+return {epoch, top, entries}
+"""
+
+_IDLE, _SYNCING, _LIVE = 0, 1, 2
+
+
+def _keys(name: str) -> tuple[bytes, bytes, bytes]:
+    """The meta hash, stream and pub/sub channel of channel ``name``."""
+    base = f"relay:{{{name}}}"
+    return (base + ":m").encode(), (base + ":s").encode(), base.encode()
+
+
+def _decode_entry(entry: list[Any], now: float) -> Publication:
+    ident, fields = entry
+    body = fields[1] if len(fields) >= 2 else b""
+    data, trace, ingress = msgpack.unpackb(body, raw=False, strict_map_key=False)
+    return Publication(int(ident.split(b"-", 1)[0]), data, now, trace=trace, ingress=ingress)
+
+
+def _milliseconds(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
+
+
+class Shard:
+    """One Redis server: a pipelined command connection and a pub/sub connection,
+    reconnected with backoff for as long as the bridge runs."""
+
+    def __init__(self, bridge: RedisBridge, endpoint: Endpoint, index: int) -> None:
+        self.bridge = bridge
+        self.endpoint = endpoint
+        self.index = index
+        self.up = False
+        #: Why the shard is down (None while up).
+        self.problem: str | None = "not connected yet"
+        self.pipeline: Pipeline | None = None
+        self.pubsub: PubSub | None = None
+        self.publish_sha = ""
+        self.history_sha = ""
+        self.connects = 0
+        self._nursery: trio.Nursery | None = None
+
+    def start_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run a task for as long as the current connections live (cancelled with them)."""
+        assert self._nursery is not None
+        self._nursery.start_soon(fn, *args)
+
+    def unavailable(self, ref: Ref = None) -> Unavailable:
+        return Unavailable(f"redis {self.endpoint.shown} unavailable: {self.problem}", ref=ref)
+
+    async def run(self) -> None:
+        delay = BACKOFF_FIRST_SECONDS
+        failures = 0
+        while True:
+            connects = self.connects
+            reason = await self._session()
+            if self.connects != connects:  # it was up for a while: start the backoff again
+                delay, failures = BACKOFF_FIRST_SECONDS, 0
+            self.problem = reason
+            failures += 1
+            wait = random.uniform(delay / 2, delay)
+            level = logging.WARNING if failures == 1 else logging.DEBUG
+            log.log(level, "redis %s unavailable: %s; reconnecting in %.2fs",
+                    self.endpoint.shown, reason, wait)
+            await trio.sleep(wait)
+            delay = min(delay * 2, BACKOFF_MAX_SECONDS)
+
+    async def _session(self) -> str:
+        """Connect, serve until a connection is lost, and return why it ended."""
+        node = self.bridge.node_id
+        try:
+            cmd = await Link.open(self.endpoint, f"relay-{node}-cmd")
+        except (OSError, trio.TooSlowError, ConnectionLost) as exc:
+            return _describe(exc)
+        try:
+            sub = await Link.open(self.endpoint, f"relay-{node}-sub")
+        except (OSError, trio.TooSlowError, ConnectionLost) as exc:
+            await cmd.aclose()
+            return _describe(exc)
+        lost: list[str] = []
+        try:
+            try:
+                with trio.fail_after(PING_TIMEOUT_SECONDS):
+                    self.publish_sha = (await cmd.call(("SCRIPT", "LOAD", PUBLISH_LUA))).decode()
+                    self.history_sha = (await cmd.call(("SCRIPT", "LOAD", HISTORY_LUA))).decode()
+            except (OSError, trio.TooSlowError, ConnectionLost) as exc:
+                return _describe(exc)
+            self.pipeline = Pipeline(cmd, MAX_PENDING_COMMANDS)
+            self.pubsub = PubSub(sub, partial(self.bridge.on_message, self))
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._guard, self.pipeline.run, lost, nursery.cancel_scope)
+                nursery.start_soon(self._guard, self.pubsub.run, lost, nursery.cancel_scope)
+                nursery.start_soon(self._guard, self._heartbeat, lost, nursery.cancel_scope)
+                self.up, self.problem = True, None
+                self.connects += 1
+                log.info("redis %s connected", self.endpoint.shown)
+                self.bridge.shard_up(self)
+        finally:
+            self.up = False
+            self._nursery = None
+            if self.pipeline is not None:
+                self.pipeline.close(lost[0] if lost else "connection closed")
+            self.pipeline = self.pubsub = None
+            self.bridge.shard_down(self)
+            await cmd.aclose()
+            await sub.aclose()
+        return lost[0] if lost else "connection closed"
+
+    @staticmethod
+    async def _guard(fn: Callable[[], Any], lost: list[str], scope: trio.CancelScope) -> None:
+        try:
+            await fn()
+        except (OSError, ConnectionLost, Unavailable, trio.TooSlowError) as exc:
+            lost.append(_describe(exc))
+        finally:
+            scope.cancel()
+
+    async def _heartbeat(self) -> None:
+        assert self.pipeline is not None and self.pubsub is not None
+        pipeline, pubsub = self.pipeline, self.pubsub
+        while True:
+            await trio.sleep(PING_EVERY_SECONDS)
+            pongs = pubsub.pongs
+            pubsub.ping()
+            with trio.move_on_after(PING_TIMEOUT_SECONDS) as scope:
+                await pipeline.call("PING")
+                while pubsub.pongs == pongs:
+                    await trio.sleep(0.01)
+            if scope.cancelled_caught:
+                raise ConnectionLost(f"no answer to PING within {PING_TIMEOUT_SECONDS:g}s")
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, trio.TooSlowError):
+        return "timed out"
+    if isinstance(exc, Unavailable):
+        return exc.message
+    text = str(exc) or type(exc).__name__
+    return text
+
+
+class RedisChannel:
+    """What the bridge keeps per channel beside the hub's members: sync state, the
+    live buffer and subscribers on their way in."""
+
+    __slots__ = ("shard", "keys", "state", "ready", "buffer", "filling", "new_epoch",
+                 "joiners", "pending", "closed")
+
+    def __init__(self, shard: Shard, name: str) -> None:
+        self.shard = shard
+        self.keys = _keys(name)
+        self.state = _IDLE
+        self.ready = trio.Event()
+        self.buffer: list[tuple[bytes, int, bytes]] = []
+        self.filling = False
+        self.new_epoch = False
+        #: Subscribers whose history reached further than the live stream: outbox -> cursor.
+        self.joiners: dict[Any, int] = {}
+        #: Subscribers waiting for their ``subscribed``: outbox -> token.
+        self.pending: dict[Any, object] = {}
+        self.closed = False
+
+
+class RedisBridge:
+    """Publish, subscribe and history through Redis, for one node's hub."""
+
+    def __init__(self, config: Config, hub: Hub, node_id: str) -> None:
+        self.config = config
+        self.hub = hub
+        self.node_id = node_id
+        endpoints = [Endpoint.parse(url) for url in config.redis_url]
+        self.shards = [Shard(self, ep, i) for i, ep in enumerate(endpoints)]
+        self.ring = HashRing([ep.identity for ep in endpoints])
+        self._state: dict[str, RedisChannel] = {}
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep every shard connected until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for shard in self.shards:
+                nursery.start_soon(shard.run)
+            task_status.started()
+
+    # -- health ---------------------------------------------------------------------
+
+    def problem(self) -> str | None:
+        """Why this node cannot serve through Redis now (None when every shard is up)."""
+        down = [s for s in self.shards if not s.up]
+        if not down:
+            return None
+        return "; ".join(f"redis {s.endpoint.shown} unavailable: {s.problem}" for s in down)
+
+    def shard_for(self, name: str) -> Shard:
+        return self.shards[self.ring.shard_of(name)]
+
+    # -- publish --------------------------------------------------------------------
+
+    def submit(self, name: str, data: Any, now: float, done: PublishDone) -> None:
+        """Send one publish script to the channel's shard; ``done`` gets the result.
+
+        Raises:
+            Unavailable: the shard is down or has too many commands waiting.
+        """
+        shard = self.shard_for(name)
+        pipeline = shard.pipeline
+        if pipeline is None:
+            raise shard.unavailable()
+        opts = self.config.channel_options(name)
+        trace = f"{random.getrandbits(64):016x}"
+        ingress = time.time()
+        body = msgpack.packb([data, trace, ingress])
+        meta, stream, channel_key = _keys(name)
+        size = max(1, opts.history_size) if opts.mode == "state" else opts.history_size
+        args: tuple[Any, ...] = (
+            "EVALSHA", shard.publish_sha, 2, meta, stream,
+            body, size, _milliseconds(opts.history_ttl), secrets.token_hex(4),
+            _milliseconds(max(opts.history_ttl, META_TTL_SECONDS)), channel_key, "publish")
+
+        def answered(reply: Any, retried: bool = False) -> None:
+            if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT") and not retried:
+                # The script cache was flushed: send the script itself once.
+                current = shard.pipeline
+                if current is not None:
+                    try:
+                        current.submit(("EVAL", PUBLISH_LUA, *args[2:]), partial(answered, retried=True))
+                        return
+                    except Unavailable as exc:
+                        reply = exc
+            if isinstance(reply, RelayError):
+                done(reply)
+            elif isinstance(reply, hiredis.ReplyError):
+                done(Unavailable(f"redis {shard.endpoint.shown} refused the publish: {reply}"))
+            else:
+                done(PublishResult(name, reply[0].decode(), int(reply[1]), trace, ingress))
+
+        pipeline.submit(args, answered)
+
+    async def publish(self, name: str, data: Any, now: float) -> PublishResult:
+        """Publish and wait for Redis' answer (see :meth:`submit`)."""
+        done = trio.Event()
+        box: list[PublishResult | RelayError] = []
+
+        def settle(result: PublishResult | RelayError) -> None:
+            box.append(result)
+            done.set()
+
+        self.submit(name, data, now, settle)
+        await done.wait()
+        result = box[0]
+        if isinstance(result, RelayError):
+            raise result
+        return result
+
+    # -- history --------------------------------------------------------------------
+
+    async def _read(self, shard: Shard, name: str, what: str, since: int, count: int,
+                    create: bool) -> tuple[str, int, list[Any]]:
+        pipeline = shard.pipeline
+        if pipeline is None:
+            raise shard.unavailable()
+        opts = self.config.channel_options(name)
+        meta, stream, _ = _keys(name)
+        try:
+            reply = await pipeline.call(
+                "EVALSHA", shard.history_sha, 2, meta, stream, what, since, count,
+                secrets.token_hex(4) if create else "", _milliseconds(max(opts.history_ttl, META_TTL_SECONDS)))
+        except hiredis.ReplyError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise Unavailable(f"redis {shard.endpoint.shown} refused a history read: {exc}") from None
+            reply = await pipeline.call(
+                "EVAL", HISTORY_LUA, 2, meta, stream, what, since, count,
+                secrets.token_hex(4) if create else "", _milliseconds(max(opts.history_ttl, META_TTL_SECONDS)))
+        epoch, top, entries = reply
+        return epoch.decode(), int(top), entries
+
+    async def history(self, name: str, since: int | None, limit: int | None) -> HistoryView | None:
+        """Read a channel's retained messages: those after ``since`` (oldest first, at most
+        ``limit``), or the newest ``limit``; entries older than ``history_ttl`` are left out.
+
+        Raises:
+            Unavailable: the channel's shard is down.
+        """
+        opts = self.config.channel_options(name)
+        size = opts.history_size
+        count = min(limit, size) if limit is not None and since is None else (limit or size)
+        count = min(count, MAX_FETCH)
+        what = "top" if count <= 0 else ("last" if since is None else "since")
+        epoch, top, entries = await self._read(self.shard_for(name), name, what, since or 0, count, False)
+        if not epoch:
+            return None
+        now, horizon = trio.current_time(), time.time() - opts.history_ttl
+        pubs = [_decode_entry(e, now) for e in entries]
+        if what == "last":
+            pubs.reverse()
+        pubs = [p for p in pubs if p.ingress > horizon]
+        if size == 0:
+            pubs = []
+        return HistoryView(name, epoch, top, opts.mode, tuple(pubs))
+
+    # -- subscribe ------------------------------------------------------------------
+
+    def subscribe(self, sub: Subscriber, name: str, since: Since | None, ref: Ref, now: float) -> None:
+        """Start subscribing ``sub`` to ``name``; ``subscribed`` (or ``error``) follows.
+
+        Raises:
+            Unavailable: the channel's shard is down.
+        """
+        shard = self.shard_for(name)
+        if not shard.up:
+            raise shard.unavailable(ref)
+        ch = self.hub.channel(name, now)
+        state = self._state.get(name)
+        if state is None:
+            state = self._state[name] = RedisChannel(shard, name)
+        token = object()
+        state.pending[sub.outbox] = token
+        sub.subscriptions.add(name)
+        if state.state == _IDLE:
+            self._start_sync(name, state)
+        shard.start_soon(self._join, sub, name, ch, state, since, ref, token)
+
+    def unsubscribe(self, sub: Subscriber, name: str) -> None:
+        """Remove ``sub`` (already out of ``sub.subscriptions``); the last one out
+        unsubscribes the node from the Redis channel."""
+        state = self._state.get(name)
+        ch = self.hub.get(name)
+        if state is None or ch is None:
+            return
+        out = sub.outbox
+        ch.members.remove(out)
+        state.joiners.pop(out, None)
+        state.pending.pop(out, None)
+        if not len(ch.members) and not state.joiners and not state.pending:
+            self._release(name, state)
+
+    def _release(self, name: str, state: RedisChannel) -> None:
+        state.closed = True
+        del self._state[name]
+        self.hub.forget(name)
+        shard = state.shard
+        if state.state != _IDLE and shard.pubsub is not None:
+            shard.pubsub.unsubscribe([state.keys[2]])
+        state.state = _IDLE
+
+    def _start_sync(self, name: str, state: RedisChannel) -> None:
+        state.state = _SYNCING
+        state.shard.start_soon(self._sync, name, state)
+
+    async def _sync(self, name: str, state: RedisChannel) -> None:
+        """Subscribe the node to the channel, then read where it stands (or catch up)."""
+        pubsub = state.shard.pubsub
+        assert pubsub is not None
+        await pubsub.subscribe([state.keys[2]])[0].wait()
+        if state.closed:
+            return
+        ch = self.hub.get(name)
+        assert ch is not None
+        if not ch.log.epoch:
+            opts = ch.options
+            epoch, top, entries = await self._read(
+                state.shard, name, "last" if opts.mode != "stream" else "top", 0, 1, True)
+            if state.closed:
+                return
+            ch.log.epoch, ch.log.offset = epoch, top
+            now = trio.current_time()
+            if entries:
+                latest = _decode_entry(entries[0], now)
+                ch.log.latest = latest if latest.offset == top else None
+        else:
+            await self._fill(name, state)
+            if state.closed:
+                return
+        state.state = _LIVE
+        state.ready.set()
+        self._drain(name, state)
+
+    async def _fill(self, name: str, state: RedisChannel) -> None:
+        """Deliver what the stream has after the live cursor (after a gap or a reconnection)."""
+        ch = self.hub.get(name)
+        assert ch is not None
+        count = min(max(ch.options.history_size, 1), MAX_FETCH)
+        for _ in range(MAX_JOIN_ROUNDS):
+            epoch, top, entries = await self._read(state.shard, name, "since", ch.log.offset, count, True)
+            if state.closed:
+                return
+            if epoch != ch.log.epoch:
+                # The channel's history is gone (Redis flushed or restarted empty, or its
+                # keys expired): offsets start again under a new epoch.
+                ch.log.epoch, ch.log.offset, state.new_epoch = epoch, 0, True
+                for out in list(state.joiners):
+                    self._promote(ch, state, out)
+                continue
+            now = trio.current_time()
+            for entry in entries:
+                self._deliver(name, ch, state, _decode_entry(entry, now))
+            if len(entries) < count:
+                if top > ch.log.offset:
+                    self._gap(ch, state, ch.log.offset + 1, top)
+                return
+
+    def _drain(self, name: str, state: RedisChannel) -> None:
+        """Process the live messages held while the channel was catching up."""
+        held, state.buffer = state.buffer, []
+        for epoch, offset, body in held:
+            self._live(name, state, epoch, offset, body)
+
+    # -- live messages --------------------------------------------------------------
+
+    def on_message(self, shard: Shard, key: bytes, payload: bytes) -> None:
+        """A message arrived on a Redis channel this node subscribes to."""
+        name = key[7:-1].decode()
+        state = self._state.get(name)
+        if state is None or state.shard is not shard:
+            return  # unsubscribed meanwhile
+        try:
+            epoch, offset, body = payload.split(b" ", 2)
+            number = int(offset)
+        except ValueError:
+            log.warning("ignored a malformed message on redis channel %r", key)
+            return
+        self._live(name, state, epoch, number, body)
+
+    def _live(self, name: str, state: RedisChannel, epoch: bytes, offset: int, body: bytes) -> None:
+        if state.state != _LIVE or state.filling:
+            if len(state.buffer) >= MAX_BUFFERED:
+                state.buffer.clear()  # read back from the stream by the fill that follows
+            state.buffer.append((epoch, offset, body))
+            return
+        ch = self.hub.get(name)
+        assert ch is not None
+        if epoch != ch.log.epoch.encode() or offset > ch.log.offset + 1:
+            state.buffer.append((epoch, offset, body))
+            state.filling = True
+            state.shard.start_soon(self._refill, name, state)
+            return
+        if offset <= ch.log.offset:
+            return  # already delivered (from the stream)
+        data, trace, ingress = msgpack.unpackb(body, raw=False, strict_map_key=False)
+        self._deliver(name, ch, state, Publication(offset, data, trace=trace, ingress=ingress,
+                                                   time=trio.current_time()))
+
+    async def _refill(self, name: str, state: RedisChannel) -> None:
+        await self._fill(name, state)
+        if state.closed:
+            return
+        state.filling = False
+        self._drain(name, state)
+
+    def _deliver(self, name: str, ch: Any, state: RedisChannel, pub: Publication) -> None:
+        cursor = ch.log.offset
+        if pub.offset <= cursor:
+            return
+        if pub.offset > cursor + 1:
+            self._gap(ch, state, cursor + 1, pub.offset - 1)
+        if state.new_epoch:
+            pub.epoch, state.new_epoch = ch.log.epoch, False
+        ch.log.offset = pub.offset
+        ch.log.latest = pub
+        self.hub.deliver(ch, pub)
+        if state.joiners:
+            for out, at in list(state.joiners.items()):
+                if at <= pub.offset:
+                    self._promote(ch, state, out)
+
+    def _promote(self, ch: Any, state: RedisChannel, out: Any) -> None:
+        state.joiners.pop(out, None)
+        ch.members.add(out)
+
+    def _gap(self, ch: Any, state: RedisChannel, first: int, last: int) -> None:
+        """Tell members (and joiners short of ``last``) that ``first..last`` is lost."""
+        log.warning("channel %r: offsets %d-%d are no longer in redis; members get a gap",
+                    ch.name, first, last)
+        targets = [out for out in ch.members]
+        targets += [out for out, at in state.joiners.items() if at < last]
+        for out in targets:
+            at = state.joiners.get(out, first - 1)
+            sub = out.owner
+            out.put(sub.codec.frame({"type": "gap", "channel": ch.name, "from": max(first, at + 1), "to": last}))
+            sub.wake()
+        ch.log.offset = max(ch.log.offset, last)
+
+    # -- joining --------------------------------------------------------------------
+
+    async def _join(self, sub: Subscriber, name: str, ch: Any, state: RedisChannel,
+                    since: Since | None, ref: Ref, token: object) -> None:
+        """Answer one subscribe once the channel is live: recovery, then the live stream.
+
+        Cancelled when the shard's connection is lost: the subscriber then gets
+        ``error unavailable`` (and is not subscribed).
+        """
+        out = sub.outbox
+        answered = False
+        try:
+            await state.ready.wait()
+            recovered, follow, cursor = await self._recover(name, ch, state, since)
+            if state.pending.get(out) is not token:
+                answered = True
+                return  # it unsubscribed or left meanwhile
+            answered = True
+            del state.pending[out]
+            self._admit(sub, ch, state, recovered, follow, cursor, since, ref)
+        except Unavailable as exc:
+            answered = True
+            self._refuse(sub, name, state, token, exc.message, ref)
+        finally:
+            if not answered:
+                self._refuse(sub, name, state, token, state.shard.unavailable().message, ref)
+
+    async def _recover(self, name: str, ch: Any, state: RedisChannel,
+                       since: Since | None) -> tuple[bool, list[Publication], int]:
+        """Return (recovered, publications to send, cursor) for a subscriber with ``since``."""
+        mode = ch.options.mode
+        if since is None or mode == "state":
+            return False, [], ch.log.offset
+        if since.epoch != ch.log.epoch:
+            return False, [], ch.log.offset
+        opts = ch.options
+        count = min(max(opts.history_size, 1), MAX_FETCH)
+        horizon = time.time() - opts.history_ttl
+        cursor, pubs, recovered = since.offset, [], True
+        for _ in range(MAX_JOIN_ROUNDS):
+            epoch, top, entries = await self._read(state.shard, name, "since", cursor, count, True)
+            if epoch != since.epoch or since.offset > top:
+                return False, [], ch.log.offset
+            now = trio.current_time()
+            got = [p for p in (_decode_entry(e, now) for e in entries) if p.ingress > horizon]
+            if opts.history_size == 0:
+                got = []
+            complete = len(got) == top - cursor and (not got or got[0].offset == cursor + 1)
+            recovered = recovered and complete
+            pubs.extend(got)
+            cursor = max(cursor, top)
+            if cursor >= ch.log.offset:
+                break
+        return recovered, pubs, cursor
+
+    def _admit(self, sub: Subscriber, ch: Any, state: RedisChannel, recovered: bool,
+               follow: list[Publication], cursor: int, since: Since | None, ref: Ref) -> None:
+        from ..server.hub import with_ref
+
+        out, enc = sub.outbox, sub.codec.encoding
+        mode = ch.options.mode
+        metrics = self.hub._metrics
+        if mode == "state":
+            recovered = since is not None and since.epoch == ch.log.epoch and since.offset <= ch.log.offset
+            latest = ch.log.latest
+            follow = []
+            if latest is not None and not (recovered and since is not None and since.offset >= latest.offset):
+                follow = [latest]
+            cursor = ch.log.offset
+        elif mode == "poke" and follow:
+            follow = follow[-1:]
+        if since is not None and metrics is not None:
+            metrics.recovery(recovered)
+        live = ch.log.offset
+        out.put(sub.codec.frame(with_ref({
+            "type": "subscribed", "channel": ch.name, "epoch": ch.log.epoch,
+            "offset": max(cursor, live), "recovered": recovered,
+        }, ref)))
+        for pub in follow:
+            out.put(ch.frame(pub, enc))
+        if cursor < live:
+            # History could not reach the live stream (it moved on too fast): say so.
+            out.put(sub.codec.frame({"type": "gap", "channel": ch.name, "from": cursor + 1, "to": live}))
+        if cursor > live:
+            state.joiners[out] = cursor
+        else:
+            ch.members.add(out)
+        sub.wake()
+
+    def _refuse(self, sub: Subscriber, name: str, state: RedisChannel, token: object,
+                message: str, ref: Ref) -> None:
+        from ..server.hub import with_ref
+
+        if state.pending.get(sub.outbox) is not token:
+            return
+        del state.pending[sub.outbox]
+        sub.subscriptions.discard(name)
+        if self.hub._metrics is not None:
+            self.hub._metrics.errors.labels("unavailable").inc()
+        sub.outbox.put(sub.codec.frame(with_ref(
+            {"type": "error", "code": "unavailable", "message": message}, ref)))
+        sub.wake()
+        ch = self.hub.get(name)
+        if ch is not None and not len(ch.members) and not state.joiners and not state.pending \
+                and not state.closed:
+            self._release(name, state)
+
+    # -- shard events ---------------------------------------------------------------
+
+    def shard_up(self, shard: Shard) -> None:
+        """Resubscribe and catch up every channel of ``shard`` that has local interest."""
+        for name, state in list(self._state.items()):
+            if state.shard is shard:
+                self._start_sync(name, state)
+
+    def shard_down(self, shard: Shard) -> None:
+        """Hold every channel of ``shard`` until it is back (members stay subscribed)."""
+        for state in self._state.values():
+            if state.shard is shard and state.state != _IDLE:
+                state.state = _SYNCING
+                state.ready = trio.Event()
+                state.buffer.clear()
+                state.filling = False

@@ -1,0 +1,173 @@
+"""Real Redis servers and real ``relay serve`` nodes on them, over loopback.
+
+``redis-server`` must be installed (CI installs Debian's): without it these tests fail,
+they never skip. Each Redis runs without persistence on a free port of 127.0.0.1 and
+can be killed (SIGKILL) and started again on the same port; each relay node is a
+``python -m relay serve`` child process (tests/server/test_subprocess.py).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+from websockets.trio.client import connect
+
+from client.conftest import free_port
+from server.conftest import MSGPACK_PROTO, Client
+from server.test_subprocess import RelayProcess, child_env, relay_process
+
+REDIS_SERVER = shutil.which("redis-server")
+
+
+class RedisServer:
+    """A redis-server child process on 127.0.0.1:``port``."""
+
+    def __init__(self, port: int, workdir: Path, *extra: str) -> None:
+        self.port = port
+        self.workdir = workdir
+        self.extra = extra
+        self.proc: trio.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def start(self) -> None:
+        assert REDIS_SERVER is not None, (
+            "redis-server is not installed (apt-get install redis-server): the Redis tests need it")
+        self.proc = await trio.lowlevel.open_process(
+            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir), "--protected-mode", "no", *self.extra],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with trio.fail_after(10):
+            while True:
+                try:
+                    if await self.command("PING") == "PONG":
+                        return
+                except OSError:
+                    pass
+                await trio.sleep(0.02)
+
+    async def kill(self) -> None:
+        """SIGKILL: Redis is gone at once, mid-reply or not."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        await self.proc.wait()
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            await self.kill()
+
+    async def command(self, *args: str | int) -> Any:
+        """One command over a fresh connection; replies parsed by hiredis."""
+        import hiredis
+
+        stream = await trio.open_tcp_stream("127.0.0.1", self.port)
+        async with stream:
+            await stream.send_all(hiredis.pack_command(tuple(args)))
+            reader = hiredis.Reader(encoding="utf-8")
+            while (reply := reader.gets()) is False:
+                data = await stream.receive_some(65536)
+                if not data:
+                    raise OSError("redis closed the connection")
+                reader.feed(data)
+            if isinstance(reply, hiredis.ReplyError):
+                raise reply
+            return reply
+
+
+@asynccontextmanager
+async def redis_server(workdir: Path, port: int | None = None, *extra: str) -> AsyncIterator[RedisServer]:
+    server = RedisServer(port or free_port(), workdir, *extra)
+    await server.start()
+    try:
+        yield server
+    finally:
+        with trio.CancelScope(shield=True):
+            await server.stop()
+
+
+@asynccontextmanager
+async def relay_nodes(workdir: Path, count: int, *args: str, config: str = "") -> AsyncIterator[list[RelayProcess]]:
+    """``count`` relay nodes started with ``args``; yields once every one is ready."""
+    if config:
+        (workdir / "relay.toml").write_text(config)
+        args = (*args, "--config", str(workdir / "relay.toml"))
+    async with AsyncExitStack() as stack:
+        nodes = []
+        for i in range(count):
+            node = await stack.enter_async_context(
+                relay_process(workdir, "--port", "0", "--node-id", f"node{i}", *args, env=child_env()))
+            nodes.append(node)
+        for node in nodes:
+            await node.started()
+        for node in nodes:
+            await wait_ready(node)
+        yield nodes
+
+
+async def start_node(workdir: Path, stack: AsyncExitStack, name: str, *args: str) -> RelayProcess:
+    node = await stack.enter_async_context(
+        relay_process(workdir, "--port", "0", "--node-id", name, *args, env=child_env()))
+    await node.started()
+    await wait_ready(node)
+    return node
+
+
+async def http(node: RelayProcess, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    """One HTTP request to a node; a JSON body is decoded, other bodies come back as text."""
+    from server.conftest import http_request
+
+    raw = None if body is None else json.dumps(body).encode()
+    status, out, headers = await http_request(node, method, path, raw)  # type: ignore[arg-type]
+    if headers.get("content-type", "").startswith("application/json"):
+        return status, json.loads(out)
+    return status, out.decode()
+
+
+async def readyz(node: RelayProcess) -> tuple[int, str]:
+    status, body = await http(node, "GET", "/readyz")
+    return status, body
+
+
+async def wait_ready(node: RelayProcess, ready: bool = True, timeout: float = 10) -> str:
+    """Wait until the node's /readyz says 200 (or, with ``ready=False``, 503); return its body."""
+    with trio.fail_after(timeout):
+        while True:
+            status, body = await readyz(node)
+            if (status == 200) == ready:
+                assert status in (200, 503), (status, body)
+                return body
+            await trio.sleep(0.05)
+
+
+@asynccontextmanager
+async def client(node: RelayProcess, encoding: str = "json") -> AsyncIterator[Client]:
+    kwargs: dict[str, Any] = {"subprotocols": [MSGPACK_PROTO]} if encoding == "msgpack" else {}
+    async with connect(node.url, **kwargs) as ws:
+        c = Client(ws, encoding)
+        c.welcome = await c.recv()
+        assert c.welcome["type"] == "welcome", c.welcome
+        yield c
+
+
+def numsub(reply: list[Any]) -> dict[str, int]:
+    return {reply[i]: int(reply[i + 1]) for i in range(0, len(reply), 2)}
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
