@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 from functools import partial
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING
 
 import h11
@@ -20,7 +20,7 @@ import trio
 import trio_websocket
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
-from wsproto.events import CloseConnection, Event, Ping, Pong
+from wsproto.events import BytesMessage, CloseConnection, Event, Ping, Pong, TextMessage
 
 from .. import logs
 from ..core.auth import Identity
@@ -35,10 +35,10 @@ log = logging.getLogger("relay.server")
 
 MAX_REQUEST_HEAD_BYTES = 16 * 1024
 RECEIVE_BYTES = 16 * 1024
-#: Client messages trio-websocket may parse ahead of the connection's reader; the
-#: reader handles all of them in one scheduling pass (bounded: at most this many
-#: messages of max_message_size bytes wait per connection).
-MESSAGE_QUEUE_SIZE = 32
+#: Client messages are handed to the connection in trio-websocket's reader task
+#: (``_ServerWebSocket.deliver``); only one parsed before the connection is attached
+#: waits in trio-websocket's channel, which is therefore unbuffered.
+MESSAGE_QUEUE_SIZE = 0
 WS_PATH = "/ws"
 
 
@@ -95,6 +95,47 @@ class _ServerWebSocket(trio_websocket.WebSocketConnection):
 
     #: Called for every pong received (the connection's heartbeat bookkeeping).
     on_pong: Callable[[], None] | None = None
+    #: Set by the connection: handles each complete client message in the reader task,
+    #: instead of passing it through a channel to another task.
+    deliver: Callable[[str | bytes], Awaitable[None]] | None = None
+    #: Set by the connection: called once the reader task has ended.
+    on_reader_done: Callable[[], None] | None = None
+
+    def _reader_done(self) -> None:
+        callback, self.on_reader_done = self.on_reader_done, None
+        if callback is not None:
+            callback()
+
+    async def _reader_task(self) -> None:
+        try:
+            await super()._reader_task()
+        finally:
+            self._reader_done()
+
+    async def _close_web_socket(self, code: int, reason: str | None = None) -> None:
+        # the point where trio-websocket ends get_message(): no message follows
+        await super()._close_web_socket(code, reason)
+        self._reader_done()
+
+    async def _handle_message_event(self, event: TextMessage | BytesMessage) -> None:
+        deliver = self.deliver
+        if (deliver is None or not event.message_finished
+                or self._message_size + len(event.data) > self._max_message_size):
+            # a fragment, a message over max_message_size (1009), or one parsed before the
+            # connection is attached (it waits in the channel): trio-websocket's own way
+            await super()._handle_message_event(event)
+            if self._close_reason is not None:  # over max_message_size: closed with 1009
+                self._reader_done()
+            return
+        parts = self._message_parts
+        if parts:
+            parts.append(event.data)
+            message: str | bytes = b"".join(parts) if isinstance(event, BytesMessage) else "".join(parts)
+            self._message_parts = []
+            self._message_size = 0
+        else:
+            message = bytes(event.data) if isinstance(event, BytesMessage) else event.data
+        await deliver(message)
 
     async def _handle_pong_event(self, event: Pong) -> None:
         if self.on_pong is not None:

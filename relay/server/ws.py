@@ -128,6 +128,8 @@ class Connection:
         self._reader_done = False
         self._send_scope: trio.CancelScope | None = None
         self._reader_waiting = False
+        #: Set once messages are no longer handled (the connection is ending).
+        self._detached = False
         # Direct sends (fastpath.flush) write to the socket's descriptor when the stream
         # is a plain socket; under TLS, or any other stream, every write goes through
         # the writer task. trio-websocket's stream lock is wrapped so that its own
@@ -200,19 +202,24 @@ class Connection:
     # -- tasks ---------------------------------------------------------------------------
 
     async def serve(self) -> None:
-        """Run until the peer leaves or the connection is closed; cancel-safe."""
+        """Run until the peer leaves or the connection is closed; cancel-safe.
+
+        Client messages are handled in trio-websocket's reader task as it parses them
+        (:meth:`_deliver`); this task writes what the direct sends left.
+        """
         cfg = self.server.config
         self.send({
             "type": "welcome", "session": self.id, "node": self.server.node_id,
             "heartbeat": cfg.heartbeat,
         })
+        self._attach()
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._reader)
                 nursery.start_soon(self.guard.watch_expiry, self)
                 await self._writer()
                 nursery.cancel_scope.cancel()
         finally:
+            self._detached = True  # a message still being parsed is not handled any more
             self.server.hub.disconnect(self, trio.current_time())
             self._count_slow_consumer_actions()
 
@@ -296,39 +303,60 @@ class Connection:
         self.server.bytes_sent += len(data)
         return True
 
-    async def _reader(self) -> None:
+    def _attach(self) -> None:
+        """Have trio-websocket's reader task hand each client message to :meth:`_deliver`.
+
+        A message parsed before this waits in trio-websocket's (unbuffered) channel,
+        its reader blocked on it: it is handled here first, so the order holds.
+        """
         ws = self.ws
-        outbox = self.outbox
-        receive_nowait = ws._recv_channel.receive_nowait
+        ws.on_reader_done = self._reader_ended
+        ws.deliver = self._deliver
         try:
             while True:
-                # Backpressure: a client that does not read its answers is not read from
-                # either, so direct answers (never dropped) cannot pile up without bound.
-                while outbox.size > outbox.limit and not outbox.closed:
-                    # The writer drains the queue meanwhile (and wakes this reader).
-                    self._reader_waiting = True
-                    outbox.hold()
-                    self._lot.unpark_all()
-                    try:
-                        await self._drained.park()
-                    finally:
-                        self._reader_waiting = False
-                        outbox.release()
-                raw = await ws.get_message()
-                self.last_activity = trio.current_time()
-                self.handle(raw)
-                # Handle what trio-websocket has already parsed without yielding, so one
-                # scheduling pass handles a batch and the flusher task (wake_flusher) then
-                # writes each touched connection once for the whole batch.
-                while outbox.size <= outbox.limit:
-                    try:
-                        raw = receive_nowait()
-                    except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                        break  # nothing more now; a closure surfaces from get_message()
-                    self.handle(raw)
-        except ConnectionClosed:
-            pass  # the peer closed, or we did; the writer ends too
-        finally:
+                self._handle_safely(ws._recv_channel.receive_nowait())
+        except trio.WouldBlock:
+            pass
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            self._reader_ended()  # the peer is already gone
+
+    async def _deliver(self, raw: str | bytes) -> None:
+        """Handle one client message, in trio-websocket's reader task, without yielding
+        unless the client does not read its answers.
+
+        All messages parsed from one read are so handled in one scheduling pass, and the
+        flusher task (``wake_flusher``) then writes each touched connection once.
+        """
+        if self._detached:
+            return
+        outbox = self.outbox
+        # Backpressure: a client that does not read its answers is not read from either,
+        # so direct answers (never dropped) cannot pile up without bound.
+        while outbox.size > outbox.limit and not outbox.closed:
+            # The writer drains the queue meanwhile (and wakes this reader).
+            self._reader_waiting = True
+            outbox.hold()
+            self._lot.unpark_all()
+            try:
+                await self._drained.park()
+            finally:
+                self._reader_waiting = False
+                outbox.release()
+        self.last_activity = trio.current_time()
+        self._handle_safely(raw)
+
+    def _handle_safely(self, raw: str | bytes) -> None:
+        """Handle ``raw``; a bug closes this connection with 1011, nobody else's."""
+        try:
+            self.handle(raw)
+        except Exception:
+            log.exception("connection %s (%s): unexpected error; closing with 1011", self.id, self.remote)
+            self._detached = True
+            self.kick(CLOSE_INTERNAL_ERROR, "internal error")
+
+    def _reader_ended(self) -> None:
+        """trio-websocket's reader task ended: the peer closed, or we did."""
+        if not self._reader_done:
             self._peer_gone = self._close is None
             self._reader_done = True
             self._lot.unpark_all()
