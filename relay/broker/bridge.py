@@ -121,11 +121,18 @@ def _keys(name: str) -> tuple[bytes, bytes, bytes]:
     return (base + ":m").encode(), (base + ":s").encode(), base.encode()
 
 
-def _decode_entry(entry: list[Any], now: float) -> Publication:
-    ident, fields = entry
-    body = fields[1] if len(fields) >= 2 else b""
-    data, trace, ingress = msgpack.unpackb(body, raw=False, strict_map_key=False)
-    return Publication(int(ident.split(b"-", 1)[0]), data, now, trace=trace, ingress=ingress)
+def _decode_entries(entries: list[Any], now: float) -> list[Publication]:
+    """Decode stream entries; one that relay did not write is left out (and logged)."""
+    pubs = []
+    for ident, fields in entries:
+        try:
+            body = fields[1]
+            data, trace, ingress = msgpack.unpackb(body, raw=False, strict_map_key=False)
+            pubs.append(Publication(int(ident.split(b"-", 1)[0]), data, now, trace=trace,
+                                    ingress=float(ingress)))
+        except (ValueError, TypeError, IndexError, msgpack.UnpackException):
+            log.warning("ignored a malformed stream entry %r", ident)
+    return pubs
 
 
 def _milliseconds(seconds: float) -> int:
@@ -149,11 +156,30 @@ class Shard:
         self.history_sha = ""
         self.connects = 0
         self._nursery: trio.Nursery | None = None
+        self._failed: str | None = None
 
     def start_soon(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Run a task for as long as the current connections live (cancelled with them)."""
+        """Run a task for as long as the current connections live (cancelled with them).
+
+        If it fails (Redis refused a command, or a bug), the shard reconnects: every
+        channel is then caught up again from its stream, so no channel stays stuck.
+        """
         assert self._nursery is not None
-        self._nursery.start_soon(fn, *args)
+        self._nursery.start_soon(self._task, fn, args, self._nursery.cancel_scope)
+
+    async def _task(self, fn: Callable[..., Any], args: tuple[Any, ...], scope: trio.CancelScope) -> None:
+        try:
+            await fn(*args)
+        except Unavailable as exc:
+            if self.pipeline is not None and self.pipeline.closed is None:
+                log.warning("redis %s: %s; reconnecting", self.endpoint.shown, exc.message)
+                self._failed = exc.message
+                scope.cancel()
+            # else: the connection is going away, and the session says why
+        except Exception as exc:
+            log.exception("redis %s: a channel task failed; reconnecting", self.endpoint.shown)
+            self._failed = f"internal error: {exc!r}"
+            scope.cancel()
 
     def unavailable(self, ref: Ref = None) -> Unavailable:
         return Unavailable(f"redis {self.endpoint.shown} unavailable: {self.problem}", ref=ref)
@@ -202,6 +228,7 @@ class Shard:
                 nursery.start_soon(self._guard, self.pipeline.run, lost, nursery.cancel_scope)
                 nursery.start_soon(self._guard, self.pubsub.run, lost, nursery.cancel_scope)
                 nursery.start_soon(self._guard, self._heartbeat, lost, nursery.cancel_scope)
+                self._failed = None
                 self.up, self.problem = True, None
                 self.connects += 1
                 log.info("redis %s connected", self.endpoint.shown)
@@ -215,7 +242,7 @@ class Shard:
             self.bridge.shard_down(self)
             await cmd.aclose()
             await sub.aclose()
-        return lost[0] if lost else "connection closed"
+        return lost[0] if lost else (self._failed or "connection closed")
 
     @staticmethod
     async def _guard(fn: Callable[[], Any], lost: list[str], scope: trio.CancelScope) -> None:
@@ -223,6 +250,11 @@ class Shard:
             await fn()
         except (OSError, ConnectionLost, Unavailable, trio.TooSlowError) as exc:
             lost.append(_describe(exc))
+        except Exception as exc:
+            # A bug of ours while handling what Redis sent: logged with its traceback, and
+            # the shard reconnects (and catches up from the streams) instead of the node dying.
+            log.exception("redis connection task failed")
+            lost.append(f"internal error: {exc!r}")
         finally:
             scope.cancel()
 
@@ -401,7 +433,7 @@ class RedisBridge:
         if not epoch:
             return None
         now, horizon = trio.current_time(), time.time() - opts.history_ttl
-        pubs = [_decode_entry(e, now) for e in entries]
+        pubs = _decode_entries(entries, now)
         if what == "last":
             pubs.reverse()
         pubs = [p for p in pubs if p.ingress > horizon]
@@ -475,8 +507,7 @@ class RedisBridge:
                 return
             ch.log.epoch, ch.log.offset = epoch, top
             now = trio.current_time()
-            if entries:
-                latest = _decode_entry(entries[0], now)
+            for latest in _decode_entries(entries, now):
                 ch.log.latest = latest if latest.offset == top else None
         else:
             await self._fill(name, state)
@@ -503,8 +534,8 @@ class RedisBridge:
                     self._promote(ch, state, out)
                 continue
             now = trio.current_time()
-            for entry in entries:
-                self._deliver(name, ch, state, _decode_entry(entry, now))
+            for pub in _decode_entries(entries, now):
+                self._deliver(name, ch, state, pub)
             if len(entries) < count:
                 if top > ch.log.offset:
                     self._gap(ch, state, ch.log.offset + 1, top)
@@ -547,7 +578,12 @@ class RedisBridge:
             return
         if offset <= ch.log.offset:
             return  # already delivered (from the stream)
-        data, trace, ingress = msgpack.unpackb(body, raw=False, strict_map_key=False)
+        try:
+            data, trace, ingress = msgpack.unpackb(body, raw=False, strict_map_key=False)
+        except (ValueError, TypeError, msgpack.UnpackException):
+            # Not written by relay's publish script (someone else published on our channel).
+            log.warning("channel %r: ignored a malformed message at offset %d", name, offset)
+            return
         self._deliver(name, ch, state, Publication(offset, data, trace=trace, ingress=ingress,
                                                    time=trio.current_time()))
 
@@ -635,7 +671,7 @@ class RedisBridge:
             if epoch != since.epoch or since.offset > top:
                 return False, [], ch.log.offset
             now = trio.current_time()
-            got = [p for p in (_decode_entry(e, now) for e in entries) if p.ingress > horizon]
+            got = [p for p in _decode_entries(entries, now) if p.ingress > horizon]
             if opts.history_size == 0:
                 got = []
             complete = len(got) == top - cursor and (not got or got[0].offset == cursor + 1)

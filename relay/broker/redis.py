@@ -21,6 +21,7 @@ import ssl
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import hiredis
@@ -238,9 +239,7 @@ class Pipeline:
         Every callback still waiting then gets :class:`~relay.errors.Unavailable`.
         """
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._writer.run, self.link)
-                await self._read()
+            await _read_and_write(self.link, self._writer, self._read)
         except ConnectionLost as exc:
             self.close(str(exc))
             raise
@@ -263,6 +262,27 @@ class Pipeline:
         waiting = self._waiting
         while waiting:
             _settle(waiting.popleft(), error)
+
+
+async def _read_and_write(link: Link, writer: _Writer, read: Callable[[], Any]) -> None:
+    """Run ``writer`` and ``read`` until either loses the connection; raise that
+    :class:`ConnectionLost` itself (not wrapped in an exception group)."""
+    lost: list[ConnectionLost] = []
+
+    async def guarded(fn: Callable[[], Any], scope: trio.CancelScope) -> None:
+        try:
+            await fn()
+        except ConnectionLost as exc:
+            lost.append(exc)
+        finally:
+            scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(guarded, partial(writer.run, link), nursery.cancel_scope)
+        await guarded(read, nursery.cancel_scope)
+    if lost:
+        raise lost[0]
+    raise ConnectionLost("connection closed")
 
 
 def _settle(callback: Callback, reply: Reply) -> None:
@@ -307,9 +327,7 @@ class PubSub:
 
     async def run(self) -> None:
         """Write and read until the connection is lost (raises :class:`ConnectionLost`)."""
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._writer.run, self.link)
-            await self._read()
+        await _read_and_write(self.link, self._writer, self._read)
 
     async def _read(self) -> None:
         on_message, acks = self.on_message, self._acks

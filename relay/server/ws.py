@@ -405,7 +405,11 @@ class Connection:
             except PeerError as exc:
                 exc.ref = env.ref
                 raise
-            server.hub.submit(env.channel, env.data, now, partial(self._published, env.ref))
+            try:
+                server.hub.submit(env.channel, env.data, now, partial(self._published, env.ref))
+            except Unavailable as exc:
+                exc.ref = env.ref
+                raise
         elif isinstance(env, envelope.Subscribe):
             self.guard.check_subscribe(env.channel, self.subscriptions, env.ref)
             server.hub.subscribe(self, env.channel, env.since, env.ref, now)
