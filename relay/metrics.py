@@ -2,12 +2,15 @@
 
 Each :class:`RelayServer` has its own :class:`Metrics` (so several servers can run
 in one process, as the tests do). Hot-path callers make one counter call per
-publish, never one per subscriber.
+publish, never one per subscriber; publish-to-write latency is recorded once per
+publication by the flusher, after the write.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
@@ -17,6 +20,11 @@ from . import fastpath
 from ._version import __version__
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+#: Buckets of ``relay_publish_to_write_seconds``: 50 µs to 2.5 s.
+LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+                   0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+#: How many of the latest latencies per channel pattern ``/stats`` computes percentiles over.
+RECENT_LATENCIES = 2048
 
 
 class _FunctionCounter:
@@ -69,6 +77,14 @@ class Metrics:
         self.http_requests = Counter(
             "relay_http_requests_total", "Plain HTTP requests, by route and status.",
             ["route", "status"], registry=r)
+        self.publish_to_write = Histogram(
+            "relay_publish_to_write_seconds",
+            "From a publication's ingress (on the node that took the publish, so across "
+            "nodes with Redis) to the first write of its fan-out on this node, by channel "
+            "pattern and mode.", ["pattern", "mode"], buckets=LATENCY_BUCKETS, registry=r)
+        self._latency_children: dict[tuple[str, str], Any] = {}
+        #: The latest publications' latencies per (pattern, mode), for /stats percentiles.
+        self.recent_latency: dict[tuple[str, str], deque[float]] = {}
         self.channels = Gauge("relay_channels", "Channels held in memory.", registry=r)
         self.draining = Gauge("relay_draining", "1 while the server drains.", registry=r)
         self._bytes_sent: Callable[[], int] = lambda: 0
@@ -108,6 +124,20 @@ class Metrics:
         self.send_queue.set_function(lambda: float(sum(queue_sizes())))
         self.send_queue_max.set_function(lambda: float(max(queue_sizes(), default=0)))
         self.client_addresses.set_function(lambda: float(addresses()))
+
+    def written(self, batch: list[tuple[float, str, str]], now: float) -> None:
+        """Record publish-to-write latency for ``batch``: (ingress unix time, pattern,
+        mode) of each publication whose fan-out was just written at unix time ``now``."""
+        children, recent = self._latency_children, self.recent_latency
+        for ingress, pattern, mode in batch:
+            key = (pattern, mode)
+            child = children.get(key)
+            if child is None:
+                child = children[key] = self.publish_to_write.labels(pattern, mode)
+                recent[key] = deque(maxlen=RECENT_LATENCIES)
+            latency = max(0.0, now - ingress)
+            child.observe(latency)
+            recent[key].append(latency)
 
     def delivered(self, n: int, mode: str) -> None:
         self.deliveries.labels(mode).inc(n)

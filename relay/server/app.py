@@ -161,6 +161,9 @@ class RelayServer:
                 self.bytes_sent += sent
                 for conn in wake:
                     conn.wake_writer()
+            if hub.written:
+                self.metrics.written(hub.written, time.time())
+                hub.written.clear()
 
     async def _heartbeater(self) -> None:
         """Ping every connection each ``heartbeat`` seconds; close those whose pong does

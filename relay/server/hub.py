@@ -116,6 +116,9 @@ class Hub:
         self.wake_flusher: Callable[[], None] = _nothing
         #: Messages published on this node (the flusher watches it to batch input).
         self.publications = 0
+        #: (ingress, pattern, mode) of each publication fanned out since the last flush:
+        #: the flusher records their publish-to-write latency once it has written them.
+        self.written: list[tuple[float, str, str]] = []
         #: The Redis engine when ``redis_url`` is set (set by the server); None: in memory.
         self.broker: RedisBridge | None = None
 
@@ -204,8 +207,9 @@ class Hub:
             )
             dirty = self.dirty
             overflowed = fastpath.fanout_into(members, frames, ch.name, ch.policy, pub.offset, dirty)
-            if dirty:
-                self.wake_flusher()
+            opts = ch.options
+            self.written.append((pub.ingress, opts.pattern, opts.mode))
+            self.wake_flusher()
             for sub in overflowed:
                 sub.kick(CLOSE_SLOW_CONSUMER, "slow consumer: send queue overflowed")
             if self._metrics is not None:

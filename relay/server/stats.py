@@ -8,6 +8,7 @@ computed from successive snapshots; it needs nothing but the browser.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
@@ -38,6 +39,27 @@ def _by(found: dict[tuple[tuple[str, str], ...], float], label: str) -> dict[str
         key = dict(labels).get(label, "")
         out[key] = out.get(key, 0) + int(value)
     return dict(sorted(out.items()))
+
+
+def _percentile(ordered: list[float], q: float) -> float:
+    """The nearest-rank ``q``-quantile of a sorted, non-empty list."""
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def latency(server: RelayServer) -> list[dict[str, Any]]:
+    """Publish-to-write latency percentiles (ms) over the latest publications, per
+    channel pattern (see ``relay_publish_to_write_seconds`` for the full histogram)."""
+    rows = []
+    for (pattern, mode), recent in sorted(server.metrics.recent_latency.items()):
+        ordered = sorted(recent)
+        if not ordered:
+            continue
+        row: dict[str, Any] = {"pattern": pattern, "mode": mode, "samples": len(ordered)}
+        for name, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p999", 0.999)):
+            row[name] = round(_percentile(ordered, q) * 1000, 3)
+        row["max"] = round(ordered[-1] * 1000, 3)
+        rows.append(row)
+    return rows
 
 
 def snapshot(server: RelayServer) -> dict[str, Any]:
@@ -72,6 +94,7 @@ def snapshot(server: RelayServer) -> dict[str, Any]:
         "errors_total": _by(m["relay_errors_total"], "code"),
         "handshakes_refused_total": _by(m["relay_handshakes_refused_total"], "reason"),
         "slow_consumer_actions_total": _by(m["relay_slow_consumer_actions_total"], "action"),
+        "publish_to_write_ms": latency(server),
     }
 
 

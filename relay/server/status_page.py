@@ -43,6 +43,7 @@ STATUS_PAGE = """<!doctype html>
   <div class="card"><div class="label">bytes out / s</div><div class="value" id="bout_rate">–</div></div>
   <div class="card"><div class="label">send queues (max)</div><div class="value" id="queues">–</div></div>
 </div>
+<h2>publish-to-write latency (ms), latest publications per channel pattern</h2><table id="latency"></table>
 <h2>errors sent, by code</h2><table id="errors"></table>
 <h2>handshakes refused, by reason</h2><table id="refused"></table>
 <h2>connections closed, by code</h2><table id="closed"></table>
@@ -67,6 +68,18 @@ function table(id, counts) {
     row.insertCell().textContent = fmt(counts[key]);
   }
 }
+function latency(rows) {
+  const el = $("latency");
+  el.replaceChildren();
+  const head = el.insertRow();
+  for (const h of ["pattern", "mode", "samples", "p50", "p90", "p99", "p99.9", "max"]) head.insertCell().textContent = h;
+  if (!rows.length) { el.insertRow().insertCell().textContent = "no publication delivered yet"; return; }
+  for (const r of rows) {
+    const row = el.insertRow();
+    row.className = "latency";
+    for (const v of [r.pattern, r.mode, fmt(r.samples), r.p50, r.p90, r.p99, r.p999, r.max]) row.insertCell().textContent = String(v);
+  }
+}
 function show(s) {
   $("node").textContent = s.node;
   $("meta").textContent = "version " + s.version + ", up " + Math.round(s.uptime_seconds) + " s" + (s.draining ? ", DRAINING" : "");
@@ -81,6 +94,7 @@ function show(s) {
   $("bin_rate").textContent = rate(s, previous, (x) => x.bytes.received_total);
   $("bout_rate").textContent = rate(s, previous, (x) => x.bytes.sent_total);
   $("queues").textContent = fmt(s.send_queue.bytes) + " (" + fmt(s.send_queue.max_bytes) + ")";
+  latency(s.publish_to_write_ms);
   table("errors", s.errors_total);
   table("refused", s.handshakes_refused_total);
   table("closed", s.connections.closed_total);

@@ -99,3 +99,42 @@ async def test_status_page_updates_live_in_headless_chromium() -> None:
     rates = ("in_rate", "pub_rate", "del_rate", "bin_rate", "bout_rate")
     assert all(re.fullmatch(r"[0-9.]+[kM]?", values[k]) for k in rates), values
     assert 'id="node">test<' in dom
+    # the latency table: one row for the default channel pattern, percentiles in ms
+    row = re.search(r'<tr class="latency">(.*?)</tr>', dom)
+    assert row is not None, dom[-2000:]
+    cells = re.findall(r"<td>([^<]*)</td>", row.group(1))
+    assert cells[:2] == ["*", "stream"] and all(float(c) >= 0 for c in cells[3:]), cells
+
+
+async def test_publish_to_write_latency_per_channel_pattern_in_stats_and_metrics() -> None:
+    """Each publication with subscribers is timed from ingress to the write of its fan-out:
+    percentiles per channel pattern in /stats, a histogram in /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    channels = [{"pattern": "prices.*", "mode": "state"}, {"pattern": "*"}]
+    with trio.fail_after(10):
+        async with running_server(channels=channels) as server:
+            async with open_client(server) as sub, open_client(server) as pub:
+                await sub.subscribe("prices.eur")
+                await sub.subscribe("chat")
+                for i in range(5):
+                    await pub.publish("prices.eur", i)
+                    assert (await sub.recv())["data"] == i
+                for i in range(3):
+                    await pub.publish("chat", i)
+                    assert (await sub.recv())["data"] == i
+                await pub.publish("nobody.listens", 1)  # no subscriber: nothing written, not timed
+                status, s = await http_get(server, "/stats")
+                _, metrics, _ = await http_request(server, "GET", "/metrics")
+    assert status == 200
+    rows = {(r["pattern"], r["mode"]): r for r in s["publish_to_write_ms"]}
+    assert set(rows) == {("prices.*", "state"), ("*", "stream")}, rows
+    assert rows[("prices.*", "state")]["samples"] == 5 and rows[("*", "stream")]["samples"] == 3
+    for row in rows.values():
+        assert 0 <= row["p50"] <= row["p90"] <= row["p99"] <= row["p999"] <= row["max"] < 1000, row
+    counts = {}
+    for family in text_string_to_metric_families(metrics.decode()):
+        for sample in family.samples:
+            if sample.name == "relay_publish_to_write_seconds_count":
+                counts[(sample.labels["pattern"], sample.labels["mode"])] = sample.value
+    assert counts == {("prices.*", "state"): 5, ("*", "stream"): 3}, counts
