@@ -13,6 +13,7 @@ other, so a subscriber's recovered messages and its live ones join without a gap
 
 from __future__ import annotations
 
+import logging
 import random
 import secrets
 import time
@@ -20,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .. import fastpath
+from .. import fastpath, logs
 from ..core.codec import CODECS, Codec
 from ..core.envelope import Ref, Since
 from ..broker import HistoryView, PublishResult
@@ -92,6 +93,11 @@ class Channel:
                     msg["epoch"] = pub.epoch
             frame = pub.frames[encoding] = CODECS[encoding].frame(msg)
         return frame
+
+
+#: One debug line per publication delivered on this node, with its trace id (set
+#: ``log_level = "debug"`` to follow a message through every node that delivered it).
+trace_log = logging.getLogger("relay.trace")
 
 
 def _nothing() -> None:
@@ -210,6 +216,10 @@ class Hub:
             opts = ch.options
             self.written.append((pub.ingress, opts.pattern, opts.mode))
             self.wake_flusher()
+            if trace_log.isEnabledFor(logging.DEBUG):
+                trace_log.debug("delivered %s", pub.trace, extra=logs.fields(
+                    event="deliver", trace=pub.trace, channel=ch.name, offset=pub.offset,
+                    subscribers=len(members)))
             for sub in overflowed:
                 sub.kick(CLOSE_SLOW_CONSUMER, "slow consumer: send queue overflowed")
             if self._metrics is not None:
