@@ -31,7 +31,7 @@ if len(compiled) != 1:
     errors.append(f"expected one relay/_fastpath.*.so, found {compiled}")
 if sources:
     errors.append(f"sources must not be in the wheel: {sources}")
-for required in ("relay/_fastpath.pyi", "relay/_fastpath_py.py", "relay/py.typed"):
+for required in ("relay/_fastpath.pyi", "relay/_fastpath_py.py", "relay/py.typed", "relay/static/client.js"):
     if required not in names:
         errors.append(f"missing {required}")
 if errors:

@@ -5,7 +5,8 @@ Routes (the front door hands them over, :func:`handles`):
 - ``GET /sse?channel=A&channel=B[&since=E:N&since=...]``: a Server-Sent Events stream of
   the same messages a WebSocket subscriber gets, through the hub's fan-out.
 - ``GET /poll?channel=A[&since=E:N][&timeout=S]``: long-polling; answers at once when
-  something newer than ``since`` is there, else waits up to ``poll_timeout`` seconds.
+  something newer than ``since`` is there (or a channel has no ``since``, or it cannot
+  be recovered), else waits up to ``poll_timeout`` seconds.
 - ``POST /publish``: a client publish over HTTP, with the user's token (not an API key),
   under the same rules as a WebSocket ``publish``.
 - ``GET /client.js``: the browser client (``relay/static/client.js``).
@@ -183,13 +184,14 @@ def _parse_channels(server: RelayServer, query: dict[str, list[str]],
                     headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[str, Since | None]]:
     """Return the requested channels with their ``since``, ``Last-Event-ID`` winning.
 
+    No channel at all is allowed: such a stream carries only ``welcome``, ``ping`` and
+    ``close`` (a client with no subscriptions yet), and such a poll checks the token.
+
     Raises:
-        BadRequest: no channel, a bad or repeated name, a bad position, or more
+        BadRequest: a bad or repeated name, a bad position, or more
             positions than channels.
     """
     names = query.get("channel", [])
-    if not names:
-        raise BadRequest("name at least one channel: ?channel=NAME (repeat it for more)")
     seen: set[str] = set()
     for name in names:
         validate_channel(name, server.config.max_channel_length)
@@ -532,6 +534,12 @@ async def _watch_peer(stream: trio.abc.Stream, reader: Any, gone: trio.CancelSco
     gone.cancel()
 
 
+def _is_news(msg: dict[str, Any]) -> bool:
+    """Whether a poll answers at once for ``msg``: anything but the confirmation of a
+    subscription that resumed where it was (a new one tells the client its position)."""
+    return msg.get("type") != "subscribed" or msg.get("recovered") is not True
+
+
 async def _poll(server: RelayServer, reader: Any, target: bytes,
                 headers: Sequence[tuple[bytes, bytes]], peer: str) -> Response:
     admitted = _admit(server, "poll", target, headers, peer, _POLL_CODEC)
@@ -559,7 +567,7 @@ async def _poll(server: RelayServer, reader: Any, target: bytes,
             deadline = trio.current_time() + wait
             while True:
                 events += sub.take()
-                if sub.closing is not None or any(e[0].get("type") != "subscribed" for e in events):
+                if sub.closing is not None or any(_is_news(msg) for msg, _, _ in events):
                     break
                 remaining = deadline - trio.current_time()
                 if remaining <= 0:
@@ -577,6 +585,9 @@ async def _poll(server: RelayServer, reader: Any, target: bytes,
     since = [format_position(sub.positions[name]) for name in sub.channels]
     body = b'{"events":[' + b",".join(payloads) + b'],"since":' + dumps_json(since) + b"}\n"
     return Response(200, body, JSON_TYPE, [("Cache-Control", "no-store")])
+
+
+_SSE_PING = b'event: ping\ndata: {"type":"ping"}\n\n'
 
 
 def _sse_event(kind: str, payload: bytes, event_id: str | None) -> bytes:
@@ -629,7 +640,8 @@ async def _sse(server: RelayServer, reader: Any, target: bytes,
 
 async def _sse_writer(server: RelayServer, sub: _Subscriber, stream: trio.abc.Stream,
                       conn: h11.Connection) -> None:
-    """Write queued events as SSE until kicked; a comment every ``heartbeat`` keeps it alive."""
+    """Write queued events as SSE until kicked; a ``ping`` event after ``heartbeat`` seconds
+    of silence keeps proxies from closing the stream and lets the client see it is alive."""
     heartbeat = server.config.heartbeat
     while True:
         await sub.wait(heartbeat)
@@ -638,7 +650,7 @@ async def _sse_writer(server: RelayServer, sub: _Subscriber, stream: trio.abc.St
         if close is not None:
             chunk += _sse_event("close", dumps_json(close), None)
         if not chunk:
-            chunk = b": ping\n\n"
+            chunk = _SSE_PING  # (an event, not a comment: EventSource shows pages no comments)
         with trio.CancelScope() as scope:
             sub.send_scope = scope
             if sub.closing is not None:

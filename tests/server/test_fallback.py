@@ -283,12 +283,12 @@ async def test_sse_slow_reader_is_closed_with_4002_and_recovers_from_its_positio
     assert seen == list(range(1, 201))
 
 
-async def test_sse_heartbeat_comment_keeps_the_stream_alive() -> None:
+async def test_sse_ping_event_keeps_the_stream_alive() -> None:
     with trio.fail_after(10):
         async with running_server(heartbeat=0.2) as server, sse(server, "channel=a") as events:
             await events.next_of("subscribed")
             ping = await events.next()
-    assert ping == {"comment": "ping"}
+    assert ping == {"event": "ping", "data": {"type": "ping"}}
 
 
 # --------------------------------------------------------------------------- poll
@@ -336,7 +336,10 @@ async def test_poll_times_out_after_poll_timeout_with_no_messages() -> None:
     with trio.fail_after(10):
         async with running_server(poll_timeout=0.4) as server:
             started = trio.current_time()
-            status, answer = await poll(server, "channel=a&timeout=30")  # capped at poll_timeout
+            _, first = await poll(server, "channel=a&timeout=30")  # no since: answered at once
+            assert trio.current_time() - started < 0.3
+            started = trio.current_time()
+            status, answer = await poll(server, f"channel=a&since={first['since'][0]}&timeout=30")  # capped
             waited = trio.current_time() - started
             _, quick = await poll(server, f"channel=a&since={answer['since'][0]}&timeout=0.1")
             assert not server.connections  # nothing left subscribed after the polls
@@ -353,8 +356,9 @@ async def test_poll_is_answered_with_a_close_event_when_the_server_drains() -> N
                 async def drain_soon() -> None:
                     await trio.sleep(0.2)
                     await server.drain()
+                _, first = await poll(server, "channel=a&timeout=0")
                 nursery.start_soon(drain_soon)
-                status, answer = await poll(server, "channel=a")
+                status, answer = await poll(server, f"channel=a&since={first['since'][0]}")
     assert status == 200 and answer["events"][-1]["type"] == "close" and answer["events"][-1]["code"] == 1001
 
 
@@ -388,6 +392,19 @@ async def test_auth_is_the_same_as_for_websocket() -> None:
             assert status == 403 and "publishing to 'chat.other'" in answer["message"]
             status, ack = await publish(server, "chat.mine", {"hi": 1}, bearer)
     assert status == 200 and ack["offset"] == 1 and ack["channel"] == "chat.mine"
+
+
+async def test_no_channel_is_a_control_only_stream_and_a_token_check() -> None:
+    with trio.fail_after(10):
+        async with auth_server(heartbeat=0.2) as server:
+            status, answer = await poll(server, f"timeout=0&token={token()}")
+            assert status == 200 and answer == {"events": [], "since": []}
+            assert (await http_request(server, "GET", "/poll?timeout=0"))[0] == 401
+            async with sse(server, f"token={token()}") as events:
+                assert (await events.next_of())["event"] == "ping"
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(server.drain)
+                    assert (await events.next_of("close"))["data"]["code"] == 1001
 
 
 async def test_client_publish_rules_apply_over_http() -> None:
@@ -431,7 +448,6 @@ async def test_origins_cors_and_preflight() -> None:
 
 async def test_bad_requests_say_what_is_wrong() -> None:
     cases = {
-        "": "at least one channel",
         "channel=a&channel=a": "listed twice",
         "channel=": "must not be empty",
         "channel=a&since=12": "EPOCH:OFFSET",
