@@ -112,6 +112,7 @@ class LimitsConfig:
     max_subscriptions: int = 128
     max_connections_per_ip: int = 1000
     max_connections: int = 100000
+    max_pending_connections: int = 4096
 
 
 @dataclass(frozen=True)
@@ -353,6 +354,7 @@ _LIMITS_SPECS: dict[str, _Spec] = {
     "max_subscriptions": _limit(),
     "max_connections_per_ip": _limit(),
     "max_connections": _limit(),
+    "max_pending_connections": _limit(),
 }
 
 _TLS_SPECS: dict[str, _Spec] = {

@@ -70,6 +70,9 @@ class RelayServer:
         self._flush_lot = trio.lowlevel.ParkingLot()
         self.hub.wake_flusher = self.wake_flusher
         self.draining = False
+        #: TCP connections waiting for a request or in the WebSocket handshake
+        #: (``limits.max_pending_connections``; maintained by the front door).
+        self.pending_connections = 0
         self.port: int = 0
         self._nursery: trio.Nursery | None = None
         self._listen_scope = trio.CancelScope()

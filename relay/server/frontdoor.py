@@ -9,6 +9,7 @@ keep-alive. A connection that does not deliver a complete request within
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from functools import partial
@@ -214,15 +215,27 @@ def _is_upgrade(request: h11.Request) -> bool:
 
 
 class _Reader:
-    """Feeds h11 from the socket and keeps the raw bytes of the first request."""
+    """Feeds h11 from the socket and keeps the raw bytes of the first request.
 
-    def __init__(self, stream: trio.abc.Stream) -> None:
+    While the connection waits for a request (or is in the WebSocket handshake) it
+    counts as *pending* in ``server.pending_connections`` (``max_pending_connections``).
+    """
+
+    def __init__(self, stream: trio.abc.Stream, server: RelayServer) -> None:
         self.stream = stream
+        self._server = server
+        self._pending = False
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES)
         self.raw = bytearray()
         self.keep_raw = True
         #: The upgrade request between the request loop and the WebSocket handshake.
         self.upgrade_request: h11.Request | None = None
+
+    def pending(self, pending: bool) -> None:
+        """Count this connection as pending (waiting for a request) or not."""
+        if pending != self._pending:
+            self._pending = pending
+            self._server.pending_connections += 1 if pending else -1
 
     async def next_event(self) -> h11.Event | type[h11.PAUSED] | type[h11.NEED_DATA]:
         while True:
@@ -256,6 +269,10 @@ async def handle_stream(server: RelayServer, stream: trio.SocketStream) -> None:
     handshake happens within ``handshake_timeout``, on the first read.
     """
     peer = _peer(stream)
+    cap = server.config.limits.max_pending_connections
+    if cap and server.pending_connections >= cap:
+        await _refuse_pending(server, stream, peer, cap)
+        return
     served: trio.abc.Stream = stream
     if server.ssl_context is not None:
         served = trio.SSLStream(stream, server.ssl_context, server_side=True, https_compatible=True)
@@ -269,6 +286,32 @@ async def handle_stream(server: RelayServer, stream: trio.SocketStream) -> None:
         log.exception("unexpected error serving %s", peer)
     finally:
         await trio.aclose_forcefully(served)
+
+
+_OVER_CAPACITY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\nConnection: close\r\n"
+    b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s")
+
+
+async def _refuse_pending(server: RelayServer, stream: trio.SocketStream, peer: str, cap: int) -> None:
+    """Close a new TCP connection at once: too many connections wait for a request.
+
+    Plain HTTP gets a 503 first (nothing is read); under TLS there is no way to answer
+    before a handshake, so the connection is just closed.
+    """
+    server.metrics.handshakes_refused.labels("too_many_pending").inc()
+    log.debug("refused %s: %d connections already wait for a request (max_pending_connections)", peer, cap)
+    try:
+        if server.ssl_context is None:
+            body = json.dumps({"error": "over_capacity", "message": (
+                f"too many connections wait for a request (max_pending_connections={cap:,}); "
+                "retry later")}).encode()
+            with trio.move_on_after(1):
+                await stream.send_all(_OVER_CAPACITY % (len(body), body))
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    finally:
+        await trio.aclose_forcefully(stream)
 
 
 async def _send(reader: _Reader, response: http_api.Response, *, method: str = "GET", close: bool = False) -> None:
@@ -285,11 +328,19 @@ async def _send(reader: _Reader, response: http_api.Response, *, method: str = "
 
 
 async def _serve(server: RelayServer, stream: trio.abc.Stream, peer: str) -> None:
+    reader = _Reader(stream, server)
+    try:
+        await _serve_requests(server, reader, peer)
+    finally:
+        reader.pending(False)
+
+
+async def _serve_requests(server: RelayServer, reader: _Reader, peer: str) -> None:
     cfg = server.config
-    reader = _Reader(stream)
     first = True
     while True:
         timeout = cfg.handshake_timeout if first else cfg.http_idle_timeout
+        reader.pending(True)
         with trio.move_on_after(timeout) as scope:
             try:
                 event = await reader.next_event()
@@ -313,6 +364,7 @@ async def _serve(server: RelayServer, stream: trio.abc.Stream, peer: str) -> Non
                 target = event.target.decode("ascii", "replace")
                 headers = event.headers
                 body = await reader.read_body(cfg.max_message_size)
+                reader.pending(False)
             except h11.RemoteProtocolError as exc:
                 if reader.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                     status = exc.error_status_hint
@@ -380,6 +432,7 @@ async def _accept(server: RelayServer, reader: _Reader, peer: str, handshake: tr
             ws = await _handshake(server, nursery, stream)
         except trio_websocket.ConnectionClosed:
             ws = None  # the peer left during the handshake: nothing to answer
+        reader.pending(False)
         if ws is None:
             nursery.cancel_scope.cancel()
             return

@@ -14,7 +14,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from relay.config import LimitsConfig
 from relay.server.app import RelayServer
 
-from .conftest import Client, open_client, running_server
+from .conftest import Client, http_request, open_client, running_server
 
 UNLIMITED = dict(messages_per_second=0, bytes_per_second=0)
 
@@ -138,3 +138,48 @@ async def test_refused_handshakes_hold_no_slot() -> None:
             assert server.security.caps.count == 0
             async with open_client(server):
                 pass
+
+
+async def _idle_socket(server: RelayServer) -> trio.SocketStream:
+    return await trio.open_tcp_stream("127.0.0.1", server.port)
+
+
+async def test_sockets_that_never_send_a_request_are_capped_and_websockets_do_not_count() -> None:
+    """max_pending_connections: TCP connections waiting for a request are bounded; past the
+    cap a new one gets 503 and is closed before anything is read; open WebSockets, and
+    connections that were served, do not count."""
+    limits = LimitsConfig(messages_per_second=0, bytes_per_second=0, max_pending_connections=3)
+    with trio.fail_after(15):
+        async with running_server(limits=limits, handshake_timeout=30) as server:
+            # WebSockets past the handshake are not pending: more of them than the cap is fine
+            async with open_client(server) as a, open_client(server) as b, open_client(server) as c, \
+                    open_client(server) as d:
+                idle = [await _idle_socket(server) for _ in range(3)]
+                while server.pending_connections < 3:
+                    await trio.sleep(0.01)
+                refused = await _idle_socket(server)
+                answer = b""
+                while chunk := await refused.receive_some(4096):
+                    answer += chunk
+                assert answer.startswith(b"HTTP/1.1 503 "), answer
+                assert b"Retry-After: 5" in answer and b"max_pending_connections=3" in answer
+                # the idle ones were not disturbed, nor were the WebSockets
+                assert (await a.request({"type": "ping", "ref": 1}))["type"] == "pong"
+                for client in (b, c, d):
+                    assert (await client.request({"type": "ping", "ref": 2}))["type"] == "pong"
+                # one idle socket sends its request and is served: a place frees up
+                await idle[0].send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                response = b""
+                while chunk := await idle[0].receive_some(4096):
+                    response += chunk
+                assert response.startswith(b"HTTP/1.1 200 "), response
+                while server.pending_connections > 2:
+                    await trio.sleep(0.01)
+                async with open_client(server) as e:
+                    assert (await e.request({"type": "ping", "ref": 3}))["type"] == "pong"
+                for sock in idle[1:]:
+                    await sock.aclose()
+                while server.pending_connections:
+                    await trio.sleep(0.01)
+            _, metrics, _ = await http_request(server, "GET", "/metrics")
+    assert b'relay_handshakes_refused_total{reason="too_many_pending"} 1.0' in metrics
