@@ -283,6 +283,43 @@ async def test_sse_slow_reader_is_closed_with_4002_and_recovers_from_its_positio
     assert seen == list(range(1, 201))
 
 
+async def test_sse_gap_on_a_drop_channel_moves_the_position_past_it() -> None:
+    with trio.fail_after(20):
+        async with running_server(send_queue_size=4096, max_message_size=2048,
+                                  channels=[{"pattern": "*", "slow_consumer": "drop"}]) as server:
+            async with sse(server, "channel=a") as events:
+                epoch = (await events.next_of("subscribed"))["data"]["epoch"]
+                for n in range(300):  # the client reads nothing meanwhile
+                    await publish(server, "a", "x" * 1500)
+                seen, gaps = [], []
+                while not seen or seen[-1] < 300:
+                    event = await events.next_of("message", "gap")
+                    if event["event"] == "gap":
+                        gaps.append((event["data"]["from"], event["data"]["to"], event["id"]))
+                        seen.append(event["data"]["to"])
+                    else:
+                        seen.append(event["data"]["offset"])
+    assert gaps, "the stream should have skipped some messages"
+    for first, last, event_id in gaps:
+        assert first <= last and event_id == f"{epoch}:{last}"
+    assert seen == sorted(seen) and len(set(seen)) == len(seen)
+
+
+async def test_a_client_that_goes_away_leaves_nothing_behind() -> None:
+    with trio.fail_after(10):
+        async with running_server() as server:
+            async with sse(server, "channel=a&channel=b") as events:
+                await events.next_of("subscribed")
+                await events.next_of("subscribed")
+                assert len(server.connections) == 1 and server.security.caps.count == 1
+            for _ in range(100):
+                if not server.connections:
+                    break
+                await trio.sleep(0.01)
+            assert not server.connections and server.security.caps.count == 0
+            assert not len(server.hub.get("a").members) and not len(server.hub.get("b").members)
+
+
 async def test_sse_ping_event_keeps_the_stream_alive() -> None:
     with trio.fail_after(10):
         async with running_server(heartbeat=0.2) as server, sse(server, "channel=a") as events:
