@@ -54,7 +54,9 @@ OP_PONG = 0xA
 # Encodings a subscriber may use; index into the ``frames`` tuple of fanout().
 ENC_JSON = 0
 ENC_MSGPACK = 1
-N_ENCODINGS = 2
+cdef enum:
+    N_ENCODINGS_C = 2  # a C constant: sizes the per-encoding tally in flush()
+N_ENCODINGS = N_ENCODINGS_C
 
 # Slow-consumer policies.
 POLICY_DISCONNECT = 0
@@ -611,12 +613,17 @@ def fanout_into(Members members not None, frames, key, policy, offset, list dirt
     return overflowed
 
 
-def flush(list dirty not None):
+def flush(list dirty not None, list by_encoding=None):
     """Write each dirty outbox to its socket with one non-blocking send, then clear ``dirty``.
 
     An outbox is written directly only when it has a socket (``fd >= 0``), no
     :meth:`~Outbox.hold` and no pending gap (gap frames are encoded by the caller).
     What the kernel does not take stays queued, first in line.
+
+    Args:
+        dirty: the outboxes to write.
+        by_encoding: when given (``N_ENCODINGS`` numbers), the bytes written to outboxes
+            of each encoding are added to its entry.
 
     Returns:
         ``(wake, sent)``: owners whose writer task must finish the job (held, no
@@ -624,6 +631,10 @@ def flush(list dirty not None):
     """
     cdef list wake = []
     cdef long long total = 0
+    cdef long long per_encoding[N_ENCODINGS_C]
+    cdef int e
+    for e in range(N_ENCODINGS_C):
+        per_encoding[e] = 0
     cdef Py_ssize_t i, n, length
     cdef Outbox box
     cdef bytes data
@@ -641,11 +652,15 @@ def flush(list dirty not None):
         if n < 0:
             n = 0  # EAGAIN: the socket is full; other errors: the writer meets them too
         total += n
+        per_encoding[box.encoding] += n
         if n < length:
             box._rest = PyBytes_FromStringAndSize(PyBytes_AS_STRING(data) + n, length - n)
             box._size = length - n
             wake.append(box.owner)
     del dirty[:]
+    if by_encoding is not None:
+        for e in range(N_ENCODINGS_C):
+            by_encoding[e] += per_encoding[e]
     return wake, total
 
 

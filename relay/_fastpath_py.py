@@ -361,12 +361,17 @@ def fanout_into(
     return overflowed
 
 
-def flush(dirty: list[Outbox]) -> tuple[list[Any], int]:
+def flush(dirty: list[Outbox], by_encoding: list[int] | None = None) -> tuple[list[Any], int]:
     """Write each dirty outbox to its socket with one non-blocking send, then clear ``dirty``.
 
     An outbox is written directly only when it has a socket (``fd >= 0``), no
     :meth:`~Outbox.hold` and no pending gap (gap frames are encoded by the caller).
     What the kernel does not take stays queued, first in line.
+
+    Args:
+        dirty: the outboxes to write.
+        by_encoding: when given (``N_ENCODINGS`` numbers), the bytes written to outboxes
+            of each encoding are added to its entry.
 
     Returns:
         ``(wake, sent)``: owners whose writer task must finish the job (held, no
@@ -387,6 +392,8 @@ def flush(dirty: list[Outbox]) -> tuple[list[Any], int]:
         except OSError:  # BlockingIOError: socket full; others: the writer meets them too
             n = 0
         sent += n
+        if by_encoding is not None:
+            by_encoding[box.encoding] += n
         if n < len(data):
             box._rest = data[n:]
             box._size = len(box._rest)

@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from . import fastpath
+from .core.codec import CODECS
 from ._version import __version__
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -28,16 +29,21 @@ RECENT_LATENCIES = 2048
 
 
 class _FunctionCounter:
-    """A counter whose value is read from a function at scrape time."""
+    """A counter whose values, one per value of ``label``, are read from a function at
+    scrape time (a plain int on the hot path instead of a locked counter per write)."""
 
-    def __init__(self, name: str, documentation: str, read: Callable[[], float]) -> None:
-        self._name, self._doc, self._read = name, documentation, read
+    def __init__(self, name: str, documentation: str, label: str,
+                 read: Callable[[], dict[str, float]]) -> None:
+        self._name, self._doc, self._label, self._read = name, documentation, label, read
 
     def describe(self) -> list[CounterMetricFamily]:
-        return [CounterMetricFamily(self._name, self._doc)]
+        return [CounterMetricFamily(self._name, self._doc, labels=[self._label])]
 
     def collect(self) -> list[CounterMetricFamily]:
-        return [CounterMetricFamily(self._name, self._doc, value=self._read())]
+        family = CounterMetricFamily(self._name, self._doc, labels=[self._label])
+        for value, count in self._read().items():
+            family.add_metric([value], count)
+        return [family]
 
 
 class Metrics:
@@ -58,14 +64,16 @@ class Metrics:
             "relay_handshakes_refused_total", "WebSocket upgrades refused, by reason.",
             ["reason"], registry=r)
         self.messages_in = Counter(
-            "relay_messages_received_total", "Client messages received, by type.",
-            ["type"], registry=r)
+            "relay_messages_received_total",
+            "Client messages received, by type and encoding (http: the fallback endpoints).",
+            ["type", "encoding"], registry=r)
         self.published = Counter(
             "relay_publications_total", "Messages published, by transport.",
             ["transport"], registry=r)
         self.deliveries = Counter(
-            "relay_deliveries_total", "Messages handed to subscribers' send queues, by channel mode.",
-            ["mode"], registry=r)
+            "relay_deliveries_total",
+            "Messages handed to subscribers' send queues, by channel mode and encoding.",
+            ["mode", "encoding"], registry=r)
         self.errors = Counter(
             "relay_errors_total", "Error answers sent to clients, by code.", ["code"], registry=r)
         self.slow_consumers = Counter(
@@ -87,17 +95,18 @@ class Metrics:
         self.recent_latency: dict[tuple[str, str], deque[float]] = {}
         self.channels = Gauge("relay_channels", "Channels held in memory.", registry=r)
         self.draining = Gauge("relay_draining", "1 while the server drains.", registry=r)
-        self._bytes_sent: Callable[[], int] = lambda: 0
+        self._bytes_sent: Callable[[], dict[str, float]] = dict
         r.register(_FunctionCounter(
-            "relay_sent_bytes", "Bytes written to WebSocket connections.", lambda: self._bytes_sent()))
+            "relay_sent_bytes", "Bytes written to clients, by encoding (json, msgpack: WebSocket; "
+            "http: event streams and polls).", "encoding", lambda: self._bytes_sent()))
         # Security and load (bound by RelayServer; read at scrape time, never per message).
         self.connections_closed = Counter(
             "relay_connections_closed_total",
             "WebSocket connections closed, by close code (none: no close frame).", ["code"], registry=r)
-        self._bytes_received: Callable[[], int] = lambda: 0
+        self._bytes_received: Callable[[], dict[str, float]] = dict
         r.register(_FunctionCounter(
-            "relay_received_bytes", "Bytes of client messages received over WebSocket "
-            "(characters for text frames).", lambda: self._bytes_received()))
+            "relay_received_bytes", "Bytes of client messages received over WebSocket, by "
+            "encoding (characters for text frames).", "encoding", lambda: self._bytes_received()))
         self.send_queue = Gauge(
             "relay_send_queue_bytes", "Bytes waiting in WebSocket send queues, over all connections.",
             registry=r)
@@ -111,12 +120,11 @@ class Metrics:
         """Make the ``relay_channels`` gauge read ``count()`` at scrape time."""
         self.channels.set_function(count)
 
-    def bind_bytes_sent(self, read: Callable[[], int]) -> None:
-        """Make ``relay_sent_bytes_total`` read ``read()`` at scrape time (a plain int on
-        the hot path instead of a locked counter per write)."""
+    def bind_bytes_sent(self, read: Callable[[], dict[str, float]]) -> None:
+        """Make ``relay_sent_bytes_total`` read ``read()`` (encoding -> bytes) at scrape time."""
         self._bytes_sent = read
 
-    def bind_load(self, bytes_received: Callable[[], int], queue_sizes: Callable[[], list[int]],
+    def bind_load(self, bytes_received: Callable[[], dict[str, float]], queue_sizes: Callable[[], list[int]],
                   addresses: Callable[[], int]) -> None:
         """Make ``relay_received_bytes_total``, the send-queue gauges and
         ``relay_client_addresses`` read these functions at scrape time."""
@@ -139,8 +147,12 @@ class Metrics:
             child.observe(latency)
             recent[key].append(latency)
 
-    def delivered(self, n: int, mode: str) -> None:
-        self.deliveries.labels(mode).inc(n)
+    def delivered(self, members: Any, mode: str) -> None:
+        """Count one publication handed to ``members`` (a ``fastpath.Members``) by encoding."""
+        for encoding, codec in enumerate(CODECS):
+            n = members.count(encoding)
+            if n:
+                self.deliveries.labels(mode, codec.name).inc(n)
 
     def slow_consumer(self, action: str, n: int = 1) -> None:
         self.slow_consumers.labels(action).inc(n)

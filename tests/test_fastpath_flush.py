@@ -138,3 +138,30 @@ def test_rest_of_a_partial_send_survives_close_and_is_taken_first(impl: ModuleTy
     assert box.pending and box.size == len(rest)
     assert box.take_rest() == rest and box.size == 0 and box.take_rest() == b""
     assert box.take() == b""
+
+
+def test_flush_tallies_the_bytes_written_per_encoding(impl: ModuleType) -> None:
+    """``flush(dirty, by_encoding)`` adds what it wrote to each outbox's encoding entry
+    (what a full socket did not take is not counted)."""
+    (j1, j2), (m1, m2), (f1, f2) = socket.socketpair(), socket.socketpair(), socket.socketpair()
+    with j1, j2, m1, m2, f1, f2:
+        for s in (j1, m1, f1):
+            s.setblocking(False)
+        f1.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        json_box = _box(impl, fd=j1.fileno(), owner="j")
+        msgpack_box = impl.Outbox(1 << 22, impl.ENC_MSGPACK, "m")
+        msgpack_box.fd = m1.fileno()
+        full_box = _box(impl, fd=f1.fileno(), owner="f", limit=1 << 22)
+        json_box.put(b"\x81\x03abc")
+        msgpack_box.put(b"\x82\x02\x01\x02")
+        big = b"\x82\x7f" + (1 << 20).to_bytes(8, "big") + b"x" * (1 << 20)
+        full_box.put(big)  # a JSON outbox whose socket takes only part of it
+        dirty = [json_box, msgpack_box, full_box]
+        tally = [100, 7]
+        wake, sent = impl.flush(dirty, tally)
+        assert wake == ["f"]
+        partial = len(big) - full_box.size
+        assert 0 < partial < len(big)
+        assert tally == [100 + 5 + partial, 7 + 4]
+        assert sent == 5 + 4 + partial
+        assert m2.recv(16) == b"\x82\x02\x01\x02" and j2.recv(16) == b"\x81\x03abc"

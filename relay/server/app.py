@@ -21,6 +21,7 @@ import trio
 
 from .. import fastpath
 from ..config import Config, effective_node_id
+from ..core.codec import CODECS
 from ..errors import ConfigError
 from ..metrics import Metrics
 from .frontdoor import handle_stream
@@ -56,7 +57,7 @@ class RelayServer:
         #: Unix time the server was created (``/stats`` uptime).
         self.started_at = time.time()
         self.metrics.bind_load(
-            lambda: self.security.bytes_received,
+            lambda: _by_encoding(self.security.bytes_received_by_encoding),
             lambda: [conn.outbox.size for conn in self.connections.values()],
             self.security.caps.addresses)
         self.hub = Hub(config, self.metrics)
@@ -66,7 +67,11 @@ class RelayServer:
         self.connections: dict[str, Connection] = {}
         #: Bytes written to WebSocket connections (read by the metrics at scrape time).
         self.bytes_sent = 0
-        self.metrics.bind_bytes_sent(lambda: self.bytes_sent)
+        #: The part of it written to WebSocket connections, per encoding.
+        self.bytes_sent_by_encoding = [0] * fastpath.N_ENCODINGS
+        self.metrics.bind_bytes_sent(lambda: {
+            **_by_encoding(self.bytes_sent_by_encoding),
+            "http": self.bytes_sent - sum(self.bytes_sent_by_encoding)})
         self._flush_lot = trio.lowlevel.ParkingLot()
         self.hub.wake_flusher = self.wake_flusher
         self.draining = False
@@ -160,7 +165,7 @@ class RelayServer:
                     break
                 seen = hub.publications
             if hub.dirty:
-                wake, sent = fastpath.flush(hub.dirty)
+                wake, sent = fastpath.flush(hub.dirty, self.bytes_sent_by_encoding)
                 self.bytes_sent += sent
                 for conn in wake:
                     conn.wake_writer()
@@ -250,6 +255,10 @@ def _redis_bridge(config: Config, hub: Hub, node_id: str) -> RedisBridge:
             f"redis_url is set but the Redis client libraries are missing ({exc.name}); "
             "install them with: pip install 'relay[redis]'", key="redis_url") from None
     return RedisBridge(config, hub, node_id)
+
+
+def _by_encoding(counts: list[int]) -> dict[str, float]:
+    return {codec.name: float(n) for codec, n in zip(CODECS, counts)}
 
 
 async def run_server(config: Config) -> int:

@@ -444,7 +444,7 @@ def _admit(server: RelayServer, kind: str, target: bytes, headers: Sequence[tupl
         response = error_response(503, "draining", "server is draining; retry on another node")
         response.headers.append(("Retry-After", "1"))
         return response
-    server.metrics.messages_in.labels(kind).inc()
+    server.metrics.messages_in.labels(kind, "http").inc()
     return admission, sub
 
 
@@ -510,7 +510,7 @@ async def _publish(server: RelayServer, target: bytes, body: bytes, headers: Seq
     except PeerError as exc:
         server.metrics.errors.labels(exc.code).inc()
         return _peer_error(exc)
-    server.metrics.messages_in.labels("publish").inc()
+    server.metrics.messages_in.labels("publish", "http").inc()
     try:
         result = await server.hub.publish_wait(channel, obj["data"], trio.current_time())
     except Unavailable as exc:  # Redis is down: 503, never a silent drop

@@ -223,7 +223,7 @@ class Hub:
             for sub in overflowed:
                 sub.kick(CLOSE_SLOW_CONSUMER, "slow consumer: send queue overflowed")
             if self._metrics is not None:
-                self._metrics.delivered(len(members), ch.options.mode)
+                self._metrics.delivered(members, ch.options.mode)
                 if overflowed:
                     self._metrics.slow_consumer("disconnect", len(overflowed))
 

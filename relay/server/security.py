@@ -30,6 +30,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import trio
 
+from .. import fastpath
 from ..config import MIN_API_KEY_LENGTH, Config
 from ..core.auth import ANONYMOUS, Identity, TokenVerifier, load_jwks, load_public_key, verify_refresh
 from ..core.codec import Codec
@@ -201,6 +202,8 @@ class Security:
         self.max_subscriptions = limits.max_subscriptions
         #: Bytes of WebSocket messages received (counted by :meth:`Guard.admit`).
         self.bytes_received = 0
+        #: The same, per encoding (``fastpath.ENC_JSON``, ``ENC_MSGPACK``).
+        self.bytes_received_by_encoding = [0] * fastpath.N_ENCODINGS
         #: Whether HTTP publish needs an API key: when keys exist, or when clients need
         #: tokens (a server that authenticates sockets must not publish for anyone).
         self.api_key_required = bool(api_keys) or verifier is not None
@@ -376,6 +379,7 @@ class Guard:
             return False
         size = len(raw)
         self.security.bytes_received += size
+        self.security.bytes_received_by_encoding[conn.codec.encoding] += size
         verdict = self.limiter.admit(size, trio.current_time())
         if verdict is Verdict.ALLOW:
             return True

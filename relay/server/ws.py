@@ -301,6 +301,7 @@ class Connection:
             await trio.aclose_forcefully(ws._stream)
             return False
         self.server.bytes_sent += len(data)
+        self.server.bytes_sent_by_encoding[self.codec.encoding] += len(data)
         return True
 
     def _attach(self) -> None:
@@ -372,10 +373,10 @@ class Connection:
             env = envelope.parse(
                 self.codec.decode(raw), max_channel_length=self.server.config.max_channel_length
             )
-            metrics.messages_in.labels(type(env).__name__.lower()).inc()
+            metrics.messages_in.labels(type(env).__name__.lower(), self.codec.name).inc()
             self.dispatch(env)
         except PeerError as exc:
-            metrics.messages_in.labels("invalid").inc()
+            metrics.messages_in.labels("invalid", self.codec.name).inc()
             self.send_error(exc.code, exc.message, exc.ref)
         except Unavailable as exc:  # Redis is down: the request is answered, not dropped
             self.send_error(exc.code, exc.message, exc.ref)

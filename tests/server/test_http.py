@@ -148,7 +148,18 @@ async def test_metrics_count_connections_publications_and_deliveries() -> None:
             assert 'relay_connections_total{encoding="msgpack"} 1.0' in lines
             assert 'relay_publications_total{transport="websocket"} 1.0' in lines
             assert 'relay_publications_total{transport="http"} 1.0' in lines
-            assert 'relay_deliveries_total{mode="stream"} 4.0' in lines
+            # two publications, each to one JSON and one msgpack subscriber
+            assert 'relay_deliveries_total{encoding="json",mode="stream"} 2.0' in lines
+            assert 'relay_deliveries_total{encoding="msgpack",mode="stream"} 2.0' in lines
+            assert 'relay_messages_received_total{encoding="json",type="publish"} 1.0' in lines
+            assert 'relay_messages_received_total{encoding="msgpack",type="subscribe"} 1.0' in lines
+            assert 'relay_messages_received_total{encoding="json",type="invalid"} 1.0' in lines
+            sent = {line.split()[0]: float(line.split()[1]) for line in lines if line.startswith("relay_sent_bytes_total")}
+            received = {line.split()[0]: float(line.split()[1]) for line in lines if line.startswith("relay_received_bytes_total")}
+            assert set(sent) == {'relay_sent_bytes_total{encoding="json"}', 'relay_sent_bytes_total{encoding="msgpack"}',
+                                 'relay_sent_bytes_total{encoding="http"}'}, sent
+            assert all(v > 0 for k, v in sent.items() if "http" not in k), sent
+            assert all(v > 0 for v in received.values()) and len(received) == 2, received
             assert 'relay_errors_total{code="bad_request"} 1.0' in lines
             assert "relay_channels 1.0" in lines
             assert any(line.startswith('relay_info{fastpath=') for line in lines)

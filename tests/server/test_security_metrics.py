@@ -55,7 +55,7 @@ async def test_refusals_errors_closes_and_load_are_exported() -> None:
     assert got[("relay_errors_total", (("code", "forbidden"),))] == 1
     assert got[("relay_errors_total", (("code", "rate_limited"),))] == 1
     assert got[("relay_connections_closed_total", (("code", "4003"),))] == 1
-    assert got[("relay_received_bytes_total", ())] > 0
+    assert got[("relay_received_bytes_total", (("encoding", "json"),))] > 0
     assert got[("relay_active_connections", ())] == 1
     assert got[("relay_client_addresses", ())] == 1
     assert ("relay_send_queue_bytes", ()) in got and ("relay_send_queue_max_bytes", ()) in got

@@ -810,9 +810,9 @@ class ArriveWhileHandling:
         orig_flush = fastpath.flush
         arriving = self
 
-        def flush(dirty: list[Any]) -> tuple[list[Any], int]:
+        def flush(dirty: list[Any], by_encoding: list[int] | None = None) -> tuple[list[Any], int]:
             ids = [box.owner.id for box in dirty if box.owner is not None]
-            result = orig_flush(dirty)
+            result = orig_flush(dirty, by_encoding)
             for conn_id in ids:
                 armed = arriving.armed.pop(conn_id, None)
                 if armed is not None:
