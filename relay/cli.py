@@ -73,6 +73,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--redis-url", metavar="URL", action="append",
                         help="Redis server (redis:// or rediss://) shared by every node; give it again "
                         "to shard channels over several (default: none, the in-memory broker)")
+    parser.add_argument("--redis-cluster", action="store_true", default=None,
+                        help="--redis-url names nodes of a Redis Cluster (sharded pub/sub, Redis 7+)")
     parser.add_argument("--insecure", action="store_true", default=None,
                         help="allow anonymous clients on a non-loopback address (no authentication configured)")
 
@@ -88,6 +90,7 @@ def _load(args: argparse.Namespace) -> Config | None:
         "tls.key": args.tls_key,
         "insecure": args.insecure,
         "redis_url": args.redis_url,
+        "redis_cluster": args.redis_cluster,
     }
     try:
         return load_config(args.config, os.environ, flags)

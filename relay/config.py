@@ -153,6 +153,9 @@ class Config:
     #: Redis servers (``redis://`` or ``rediss://`` URLs); empty: the in-memory broker.
     #: Several URLs shard channels over them (consistent hashing of the channel name).
     redis_url: tuple[str, ...] = field(default=(), repr=False)
+    #: ``redis_url`` names seed nodes of a Redis Cluster: channels follow its hash slots and
+    #: messages go through sharded pub/sub (SPUBLISH / SSUBSCRIBE, Redis 7+).
+    redis_cluster: bool = False
     auth: AuthConfig = AuthConfig()
     limits: LimitsConfig = LimitsConfig()
     tls: TlsConfig = TlsConfig()
@@ -322,6 +325,7 @@ _CONFIG_SPECS: dict[str, _Spec] = {
         problem=lambda urls: next(filter(None, map(redis_url_problem, urls)), None) or (
             "the same URL is given twice" if len(set(urls)) != len(urls) else None),
     ),
+    "redis_cluster": _Spec(bool, "true or false"),
 }
 
 _AUTH_SPECS: dict[str, _Spec] = {
@@ -713,6 +717,11 @@ def _check_pairs(merged: _Layer) -> None:
                 key=other,
                 source=b[1],
             )
+    cluster = merged.get("redis_cluster")
+    if cluster is not None and cluster[0] and given("redis_url") is None:
+        raise ConfigError(
+            f"{cluster[1]}: redis_cluster = true needs redis_url (one or more of the cluster's nodes)",
+            key="redis_cluster", source=cluster[1])
     cert, key = given("tls.cert"), given("tls.key")
     if (cert is None) != (key is None):
         missing, present = ("tls.key", cert) if key is None else ("tls.cert", key)

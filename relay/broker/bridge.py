@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import hiredis
 import msgpack
 import trio
+from redis.crc import key_slot
 
 from ..config import Config
 from ..core.envelope import Ref, Since
@@ -75,6 +76,8 @@ META_TTL_SECONDS = 86_400.0
 MAX_FETCH = 10_000
 #: History reads a joining subscriber may need to reach the live stream.
 MAX_JOIN_ROUNDS = 8
+#: Hash slots of a Redis Cluster.
+CLUSTER_SLOTS = 16384
 
 PUBLISH_LUA = """
 local epoch = redis.call('hget', KEYS[1], 'e')
@@ -222,7 +225,7 @@ class Shard:
             except (OSError, trio.TooSlowError, ConnectionLost) as exc:
                 return _describe(exc)
             self.pipeline = Pipeline(cmd, MAX_PENDING_COMMANDS)
-            self.pubsub = PubSub(sub, partial(self.bridge.on_message, self))
+            self.pubsub = PubSub(sub, partial(self.bridge.on_message, self), sharded=self.bridge.cluster)
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._guard, self.pipeline.run, lost, nursery.cancel_scope)
@@ -311,9 +314,15 @@ class RedisBridge:
         self.config = config
         self.hub = hub
         self.node_id = node_id
-        endpoints = [Endpoint.parse(url) for url in config.redis_url]
-        self.shards = [Shard(self, ep, i) for i, ep in enumerate(endpoints)]
-        self.ring = HashRing([ep.identity for ep in endpoints])
+        self.endpoints = [Endpoint.parse(url) for url in config.redis_url]
+        #: With ``redis_cluster`` the shards are the cluster's masters, known once
+        #: CLUSTER SLOTS was read; channels follow the hash slot of their keys.
+        self.cluster = config.redis_cluster
+        self.shards: list[Shard] = [] if self.cluster else [
+            Shard(self, ep, i) for i, ep in enumerate(self.endpoints)]
+        self.ring = None if self.cluster else HashRing([ep.identity for ep in self.endpoints])
+        self._slots: list[int] | None = None
+        self._topology_problem = "redis cluster topology not read yet"
         self._state: dict[str, RedisChannel] = {}
         self._nursery: trio.Nursery | None = None
 
@@ -321,21 +330,80 @@ class RedisBridge:
         """Keep every shard connected until cancelled."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            if self.cluster:
+                nursery.start_soon(self._run_cluster, nursery)
             for shard in self.shards:
                 nursery.start_soon(shard.run)
             task_status.started()
+
+    async def _run_cluster(self, nursery: trio.Nursery) -> None:
+        """Read the cluster's slots from the first seed that answers (retrying with
+        backoff), then run one shard per master.
+
+        The topology is read once: after a resharding or a failover, restart the nodes.
+        """
+        delay = BACKOFF_FIRST_SECONDS
+        while True:
+            for endpoint in self.endpoints:
+                try:
+                    masters, slots = await self._read_slots(endpoint)
+                except (OSError, trio.TooSlowError, ConnectionLost) as exc:
+                    self._topology_problem = f"redis cluster {endpoint.shown} unavailable: {_describe(exc)}"
+                    continue
+                self.shards = [Shard(self, ep, i) for i, ep in enumerate(masters)]
+                self._slots = slots
+                log.info("redis cluster: %d masters (%s)", len(masters),
+                         ", ".join(ep.identity for ep in masters))
+                for shard in self.shards:
+                    nursery.start_soon(shard.run)
+                return
+            log.warning("%s; retrying in %.2fs", self._topology_problem, delay)
+            await trio.sleep(random.uniform(delay / 2, delay))
+            delay = min(delay * 2, BACKOFF_MAX_SECONDS)
+
+    async def _read_slots(self, seed: Endpoint) -> tuple[list[Endpoint], list[int]]:
+        link = await Link.open(seed, f"relay-{self.node_id}-topology")
+        try:
+            with trio.fail_after(PING_TIMEOUT_SECONDS):
+                reply = await link.call(("CLUSTER", "SLOTS"))
+        finally:
+            await link.aclose()
+        masters: list[Endpoint] = []
+        index: dict[tuple[str, int], int] = {}
+        slots = [-1] * CLUSTER_SLOTS
+        for start, end, master, *_replicas in reply:
+            host = master[0].decode() or seed.host
+            port = int(master[1])
+            if (host, port) not in index:
+                index[(host, port)] = len(masters)
+                masters.append(seed.moved_to(host, port))
+            slots[int(start):int(end) + 1] = [index[(host, port)]] * (int(end) - int(start) + 1)
+        if -1 in slots:
+            raise ConnectionLost(f"the cluster does not serve slot {slots.index(-1)} (cluster state not ok)")
+        return masters, slots
 
     # -- health ---------------------------------------------------------------------
 
     def problem(self) -> str | None:
         """Why this node cannot serve through Redis now (None when every shard is up)."""
+        if self.cluster and self._slots is None:
+            return self._topology_problem
         down = [s for s in self.shards if not s.up]
         if not down:
             return None
         return "; ".join(f"redis {s.endpoint.shown} unavailable: {s.problem}" for s in down)
 
     def shard_for(self, name: str) -> Shard:
-        return self.shards[self.ring.shard_of(name)]
+        """Return the shard of channel ``name``.
+
+        Raises:
+            Unavailable: in a cluster whose topology is not known yet.
+        """
+        if self.ring is not None:
+            return self.shards[self.ring.shard_of(name)]
+        if self._slots is None:
+            raise Unavailable(self._topology_problem)
+        return self.shards[self._slots[key_slot(_keys(name)[2])]]
 
     # -- publish --------------------------------------------------------------------
 
@@ -358,7 +426,8 @@ class RedisBridge:
         args: tuple[Any, ...] = (
             "EVALSHA", shard.publish_sha, 2, meta, stream,
             body, size, _milliseconds(opts.history_ttl), secrets.token_hex(4),
-            _milliseconds(max(opts.history_ttl, META_TTL_SECONDS)), channel_key, "publish")
+            _milliseconds(max(opts.history_ttl, META_TTL_SECONDS)), channel_key,
+            "spublish" if self.cluster else "publish")
 
         def answered(reply: Any, retried: bool = False) -> None:
             if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT") and not retried:
@@ -449,7 +518,11 @@ class RedisBridge:
         Raises:
             Unavailable: the channel's shard is down.
         """
-        shard = self.shard_for(name)
+        try:
+            shard = self.shard_for(name)
+        except Unavailable as exc:
+            exc.ref = ref
+            raise
         if not shard.up:
             raise shard.unavailable(ref)
         ch = self.hub.channel(name, now)

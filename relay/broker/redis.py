@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
+from urllib.parse import quote
 
 import hiredis
 import trio
@@ -60,7 +61,7 @@ class Endpoint:
 
     @classmethod
     def parse(cls, url: str) -> Endpoint:
-        opts = parse_url(url)
+        opts = parse_url(url)  # type: ignore[no-untyped-call]
         return cls(
             url=url,
             host=opts.get("host", "localhost"),
@@ -70,6 +71,15 @@ class Endpoint:
             password=opts.get("password"),
             tls=url.startswith("rediss://"),
         )
+
+    def moved_to(self, host: str, port: int) -> Endpoint:
+        """The same login on another server (a Redis Cluster master), database 0."""
+        scheme = "rediss" if self.tls else "redis"
+        login = ""
+        if self.password is not None:
+            login = f"{quote(self.username or '', safe='')}:{quote(self.password, safe='')}@"
+        netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return Endpoint(f"{scheme}://{login}{netloc}", host, port, 0, self.username, self.password, self.tls)
 
     @property
     def shown(self) -> str:
@@ -138,7 +148,7 @@ class Link:
         if not data:
             raise ConnectionLost("the server closed the connection")
         reader = self.reader
-        reader.feed(data)
+        reader.feed(data if isinstance(data, bytes) else bytes(data))
         replies = []
         while (reply := reader.gets()) is not False:
             replies.append(reply)
@@ -316,11 +326,13 @@ class PubSub:
             event = trio.Event()
             self._acks.setdefault(key, deque()).append(event)
             events.append(event)
-        self._writer.push(hiredis.pack_command(("SSUBSCRIBE" if self.sharded else "SUBSCRIBE", *keys)))
+        command: tuple[Any, ...] = ("SSUBSCRIBE" if self.sharded else "SUBSCRIBE", *keys)
+        self._writer.push(hiredis.pack_command(command))
         return events
 
     def unsubscribe(self, keys: Sequence[bytes]) -> None:
-        self._writer.push(hiredis.pack_command(("SUNSUBSCRIBE" if self.sharded else "UNSUBSCRIBE", *keys)))
+        command: tuple[Any, ...] = ("SUNSUBSCRIBE" if self.sharded else "UNSUBSCRIBE", *keys)
+        self._writer.push(hiredis.pack_command(command))
 
     def ping(self) -> None:
         self._writer.push(hiredis.pack_command(("PING",)))

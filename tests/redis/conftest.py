@@ -50,6 +50,7 @@ class RedisServer:
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         with trio.fail_after(10):
             while True:
+                assert self.proc.returncode is None, f"redis-server on port {self.port} exited at start"
                 try:
                     if await self.command("PING") == "PONG":
                         return
@@ -88,8 +89,8 @@ class RedisServer:
 @asynccontextmanager
 async def redis_server(workdir: Path, port: int | None = None, *extra: str) -> AsyncIterator[RedisServer]:
     server = RedisServer(port or free_port(), workdir, *extra)
-    await server.start()
     try:
+        await server.start()
         yield server
     finally:
         with trio.CancelScope(shield=True):
@@ -160,6 +161,14 @@ async def client(node: RelayProcess, encoding: str = "json") -> AsyncIterator[Cl
         yield c
 
 
+def cluster_port() -> int:
+    """A free port P whose cluster bus port P + 10000 is free too."""
+    while True:
+        port = free_port()
+        if port + 10000 <= 65535 and port_is_free(port + 10000):
+            return port
+
+
 def numsub(reply: list[Any]) -> dict[str, int]:
     return {reply[i]: int(reply[i + 1]) for i in range(0, len(reply), 2)}
 
@@ -171,3 +180,27 @@ def port_is_free(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+@asynccontextmanager
+async def redis_cluster(workdir: Path, masters: int = 3) -> AsyncIterator[list[RedisServer]]:
+    """A Redis Cluster of ``masters`` masters (no replicas), each in its own directory,
+    created with ``redis-cli --cluster create``; yields once every node says cluster_state:ok."""
+    redis_cli = shutil.which("redis-cli")
+    assert redis_cli is not None, "redis-cli is not installed (it comes with redis-server)"
+    async with AsyncExitStack() as stack:
+        nodes = []
+        for i in range(masters):
+            (workdir / f"cluster{i}").mkdir()
+            nodes.append(await stack.enter_async_context(redis_server(
+                workdir / f"cluster{i}", cluster_port(), "--cluster-enabled", "yes",
+                "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "5000")))
+        await trio.run_process(
+            [redis_cli, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes),
+             "--cluster-replicas", "0", "--cluster-yes"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with trio.fail_after(20):
+            for node in nodes:
+                while "cluster_state:ok" not in await node.command("CLUSTER", "INFO"):
+                    await trio.sleep(0.05)
+        yield nodes

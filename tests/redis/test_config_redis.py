@@ -47,3 +47,11 @@ def test_a_password_never_shows_in_an_error_and_duplicates_are_refused() -> None
         load_config(flags={"redis_url": ["redis://h", "redis://h"]})
     assert redact_url("rediss://:pw@h:1/2") == "rediss://:***@h:1/2"
     assert redact_url("redis://h") == "redis://h"
+
+
+def test_redis_cluster_needs_seed_urls() -> None:
+    assert load_config(flags={"redis_cluster": True, "redis_url": ["redis://h:7000"]}).redis_cluster is True
+    assert load_config(env={"RELAY_REDIS_CLUSTER": "yes", "RELAY_REDIS_URL": "redis://h:7000"}).redis_cluster
+    with pytest.raises(ConfigError, match="redis_cluster = true needs redis_url") as info:
+        load_config(flags={"redis_cluster": True})
+    assert info.value.key == "redis_cluster"
