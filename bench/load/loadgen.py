@@ -54,7 +54,7 @@ CONNECT_SECONDS = 120.0
 CONNECT_BATCH = 50
 RECV_BYTES = 1 << 18
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-#: The same settings as `relay bench` (relay/bench.py): limits off for the benchmark's clients.
+#: The same settings as `relay bench` (relay/bench/settings.py): limits off for the benchmark's clients.
 RELAY_BENCH_ENV = {
     "RELAY_LIMITS_MESSAGES_PER_SECOND": "0",
     "RELAY_LIMITS_BYTES_PER_SECOND": "0",
