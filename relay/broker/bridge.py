@@ -290,7 +290,7 @@ class RedisChannel:
     live buffer and subscribers on their way in."""
 
     __slots__ = ("shard", "keys", "state", "ready", "buffer", "filling", "new_epoch",
-                 "joiners", "pending", "closed")
+                 "joiners", "pending", "closed", "subscribed")
 
     def __init__(self, shard: Shard, name: str) -> None:
         self.shard = shard
@@ -305,6 +305,8 @@ class RedisChannel:
         #: Subscribers waiting for their ``subscribed``: outbox -> token.
         self.pending: dict[Any, object] = {}
         self.closed = False
+        #: SUBSCRIBE was sent on the current pub/sub connection.
+        self.subscribed = False
 
 
 class RedisBridge:
@@ -555,8 +557,9 @@ class RedisBridge:
         del self._state[name]
         self.hub.forget(name)
         shard = state.shard
-        if state.state != _IDLE and shard.pubsub is not None:
+        if state.subscribed and shard.pubsub is not None:
             shard.pubsub.unsubscribe([state.keys[2]])
+            state.subscribed = False
         state.state = _IDLE
 
     def _start_sync(self, name: str, state: RedisChannel) -> None:
@@ -567,9 +570,12 @@ class RedisBridge:
         """Subscribe the node to the channel, then read where it stands (or catch up)."""
         pubsub = state.shard.pubsub
         assert pubsub is not None
+        if state.closed:
+            return  # released before this task ran: nothing was subscribed
+        state.subscribed = True
         await pubsub.subscribe([state.keys[2]])[0].wait()
         if state.closed:
-            return
+            return  # released meanwhile: _release sent the UNSUBSCRIBE
         ch = self.hub.get(name)
         assert ch is not None
         if not ch.log.epoch:
@@ -819,6 +825,7 @@ class RedisBridge:
         """Hold every channel of ``shard`` until it is back (members stay subscribed)."""
         for state in self._state.values():
             if state.shard is shard and state.state != _IDLE:
+                state.subscribed = False  # that connection is gone, and its subscriptions
                 state.state = _SYNCING
                 state.ready = trio.Event()
                 state.buffer.clear()

@@ -172,3 +172,53 @@ async def test_a_relay_node_killed_and_restarted_loses_nothing_redis_kept(tmp_pa
                 assert [p["data"] for p in body["publications"]] == list(range(6))
             status, text = await readyz(b)
             assert status == 200, text
+
+
+async def test_redis_flushed_under_live_subscribers_starts_a_new_epoch_they_are_told_of(tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        async with redis_server(tmp_path) as redis, \
+                relay_nodes(tmp_path, 2, "--redis-url", redis.url) as (a, b):
+            async with client(a) as sub, client(b) as pub:
+                first = await sub.subscribe("wiped", ref=1)
+                for i in range(3):
+                    await pub.publish("wiped", i, ref=i)
+                assert [(await sub.recv())["offset"] for _ in range(3)] == [1, 2, 3]
+                assert await redis.command("FLUSHALL") == "OK"
+                ack = await pub.publish("wiped", "after", ref=9)
+                assert ack["epoch"] != first["epoch"] and ack["offset"] == 1, ack
+                assert await sub.recv() == {"type": "message", "channel": "wiped", "offset": 1,
+                                            "data": "after", "epoch": ack["epoch"]}
+                await pub.publish("wiped", "next", ref=10)
+                assert await sub.recv() == {"type": "message", "channel": "wiped", "offset": 2, "data": "next"}
+                async with client(b) as late:
+                    lost = await late.subscribe("wiped", since={"epoch": first["epoch"], "offset": 3})
+                    assert lost["recovered"] is False and lost["epoch"] == ack["epoch"], lost
+
+
+async def test_a_redis_that_stops_answering_is_reported_and_rejoined(tmp_path: Path) -> None:
+    with trio.fail_after(40):
+        async with redis_server(tmp_path) as redis, \
+                relay_nodes(tmp_path, 2, "--redis-url", redis.url) as (a, b):
+            async with client(a) as sub, client(b) as pub:
+                await sub.subscribe("frozen", ref=1)
+                await pub.publish("frozen", 1, ref=1)
+                assert (await sub.recv())["data"] == 1
+                assert redis.proc is not None
+                redis.proc.send_signal(signal.SIGSTOP)  # alive, connected, silent
+                try:
+                    body = await wait_ready(b, ready=False, timeout=10)
+                    assert "no answer to PING" in body or "timed out" in body, body
+                    await pub.send({"type": "publish", "channel": "frozen", "data": 2, "ref": 2})
+                    answer = await pub.recv(timeout=10)
+                    assert answer["type"] == "error" and answer["code"] == "unavailable", answer
+                    assert answer["ref"] == 2
+                finally:
+                    redis.proc.send_signal(signal.SIGCONT)
+                await wait_ready(a)
+                await wait_ready(b)
+                # Whether the publish that got "unavailable" was applied is not known (that
+                # is what unavailable says); what follows arrives in order after it.
+                ack = await pub.publish("frozen", 3, ref=3)
+                got = [await sub.recv() for _ in range(ack["offset"] - 1)]
+                assert [m["offset"] for m in got] == list(range(2, ack["offset"] + 1))
+                assert got[-1]["data"] == 3
