@@ -229,3 +229,25 @@ async def test_a_node_subscribes_to_a_channel_in_redis_once_however_many_local_s
             clients = await redis.command("CLIENT", "LIST")
             names = [f for line in clients.splitlines() for f in line.split() if f.startswith("name=relay-")]
             assert sorted(names) == sorted(f"name=relay-node{i}-{k}" for i in (0, 1) for k in ("cmd", "sub"))
+
+
+async def test_an_event_stream_on_one_node_gets_what_another_node_publishes(tmp_path: Path) -> None:
+    """The SSE fallback subscribes through the same hub, so it works across nodes too."""
+    with trio.fail_after(30):
+        async with redis_server(tmp_path) as redis, \
+                relay_nodes(tmp_path, 2, "--redis-url", redis.url) as (a, b):
+            stream = await trio.open_tcp_stream("127.0.0.1", a.port)
+            async with stream:
+                await stream.send_all(b"GET /sse?channel=news HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                      b"Accept: text/event-stream\r\n\r\n")
+                seen = b""
+                while b"event: subscribed" not in seen:
+                    seen += await stream.receive_some(65536)
+                status, body = await http(b, "POST", "/api/publish", {"channel": "news", "data": {"h": "hi"}})
+                assert status == 200, body
+                while b'"data":{"h":"hi"}' not in seen:
+                    chunk = await stream.receive_some(65536)
+                    assert chunk, seen
+                    seen += chunk
+                assert seen.startswith(b"HTTP/1.1 200"), seen[:200]
+                assert b'"offset":1' in seen
