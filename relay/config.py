@@ -56,7 +56,12 @@ class ChannelOptions:
     """How channels whose name matches ``pattern`` behave.
 
     ``slow_consumer`` defaults to ``DEFAULT_SLOW_CONSUMER[mode]`` when omitted (or
-    given as ``""``), whether read by :func:`load_config` or built directly.
+    given as ``""``), whether read by :func:`load_config` or built directly; with a
+    ``conflate_key`` it is ``conflate``.
+
+    ``conflate_key`` names a field of the message data (``"symbol"``): a subscriber whose
+    send queue is full keeps only the newest message per value of that field, instead
+    of the newest message of the whole channel.
     """
 
     pattern: str = "*"
@@ -65,11 +70,12 @@ class ChannelOptions:
     history_ttl: float = 300.0
     client_publish: bool = True
     slow_consumer: str = ""
+    conflate_key: str = ""
 
     def __post_init__(self) -> None:
         if not self.slow_consumer:
-            object.__setattr__(
-                self, "slow_consumer", DEFAULT_SLOW_CONSUMER.get(self.mode, "disconnect"))
+            default = "conflate" if self.conflate_key else DEFAULT_SLOW_CONSUMER.get(self.mode, "disconnect")
+            object.__setattr__(self, "slow_consumer", default)
 
 
 @dataclass(frozen=True)
@@ -382,6 +388,7 @@ _CHANNEL_SPECS: dict[str, _Spec] = {
     "history_ttl": _positive_seconds(),
     "client_publish": _Spec(bool, "true or false"),
     "slow_consumer": _one_of(SLOW_CONSUMER_POLICIES),
+    "conflate_key": _Spec(str, "a field name of the message data, such as 'symbol'"),
 }
 
 CONFIG_KEYS: tuple[str, ...] = tuple(f.name for f in fields(Config) if f.init)
@@ -567,7 +574,17 @@ def _parse_channel(raw: object, index: int, source: str) -> ChannelOptions:
     if problem is not None:
         raise _not_allowed(source, f"{where}.pattern", values["pattern"], f"{_PATTERN_EXPECTED}; {problem}")
     if "slow_consumer" not in values:
-        values["slow_consumer"] = DEFAULT_SLOW_CONSUMER[values.get("mode", "stream")]
+        values["slow_consumer"] = (
+            "conflate" if values.get("conflate_key") else DEFAULT_SLOW_CONSUMER[values.get("mode", "stream")])
+    if values.get("conflate_key"):
+        if values.get("mode", "stream") != "stream":
+            raise _not_allowed(source, f"{where}.conflate_key", values["conflate_key"],
+                               'unset, or a channel with mode = "stream" (keyed conflation '
+                               "of state and poke channels is not supported)")
+        if values["slow_consumer"] != "conflate":
+            raise _not_allowed(source, f"{where}.conflate_key", values["conflate_key"],
+                               f'unset, or slow_consumer = "conflate" (this table has '
+                               f'slow_consumer = "{values["slow_consumer"]}")')
     return ChannelOptions(**values)
 
 

@@ -507,6 +507,7 @@ async def _publish(server: RelayServer, target: bytes, body: bytes, headers: Seq
         if not identity.permissions.may_publish(channel):
             raise Forbidden(f"your token does not allow publishing to {channel!r}")
         check_json_compatible(obj["data"])
+        server.hub.check_publish(channel, obj["data"])
     except PeerError as exc:
         server.metrics.errors.labels(exc.code).inc()
         return _peer_error(exc)

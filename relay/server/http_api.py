@@ -112,6 +112,7 @@ async def _publish(server: RelayServer, body: bytes) -> Response:
             raise BadRequest("body needs a data field")
         channel = validate_channel(obj.get("channel"), server.config.max_channel_length)
         check_json_compatible(obj["data"])
+        server.hub.check_publish(channel, obj["data"])
     except PeerError as exc:
         return error_response(_STATUS_BY_CODE.get(exc.code, 400), exc.code, exc.message)
     try:

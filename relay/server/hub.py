@@ -100,6 +100,34 @@ class Channel:
 trace_log = logging.getLogger("relay.trace")
 
 
+def conflation_key(options: ChannelOptions, name: str, data: Any) -> Any:
+    """The slow-consumer key of a message: the channel, or with ``conflate_key`` the
+    channel and the value of that field of ``data``.
+
+    Raises:
+        BadRequest: the channel conflates by a field and ``data`` is not an object
+            whose field is a string or an integer.
+    """
+    field = options.conflate_key
+    if not field:
+        return name
+    value = data.get(field) if isinstance(data, dict) else None
+    if not isinstance(value, (str, int)) or isinstance(value, bool):
+        raise BadRequest(
+            f"channel {name!r} conflates by {field!r} (pattern {options.pattern!r}): data must "
+            f"be an object whose {field!r} is a string or an integer")
+    return (name, value)
+
+
+def _delivered_key(options: ChannelOptions, name: str, data: Any) -> Any:
+    """:func:`conflation_key` for a message already published (checked by the node that
+    took it; should its config differ, the message conflates with the whole channel)."""
+    try:
+        return conflation_key(options, name, data)
+    except BadRequest:
+        return name
+
+
 def _nothing() -> None:
     pass
 
@@ -172,6 +200,14 @@ class Hub:
         self.deliver(ch, pub)
         return ch, pub
 
+    def check_publish(self, name: str, data: Any) -> None:
+        """Refuse ``data`` that channel ``name`` cannot carry (see :func:`conflation_key`).
+
+        Raises:
+            BadRequest: the channel conflates by a field that ``data`` lacks.
+        """
+        conflation_key(self._config.channel_options(name), name, data)
+
     def submit(self, name: str, data: Any, now: float, done: PublishDone) -> None:
         """Publish ``data`` to ``name``; ``done`` gets the result or the error.
 
@@ -179,8 +215,10 @@ class Hub:
         answered (publishes queued in one scheduling pass leave in one pipelined write).
 
         Raises:
+            BadRequest: the channel cannot carry ``data`` (:meth:`check_publish`).
             Unavailable: Redis is unreachable or overloaded right now (``done`` is not called).
         """
+        self.check_publish(name, data)
         if self.broker is not None:
             self.broker.submit(name, data, now, done)
             return
@@ -191,11 +229,13 @@ class Hub:
         """Publish ``data`` to ``name`` and return its epoch and offset.
 
         Raises:
+            BadRequest: the channel cannot carry ``data`` (:meth:`check_publish`).
             Unavailable: Redis is unreachable, overloaded, or the connection was lost
                 before it answered (the message may or may not have been published).
 
         If cancelled after the message was sent to Redis, it is still published.
         """
+        self.check_publish(name, data)
         if self.broker is None:
             ch, pub = self.publish(name, data, now)
             return PublishResult(name, ch.log.epoch, pub.offset, pub.trace, pub.ingress)
@@ -212,8 +252,11 @@ class Hub:
                 for enc in range(fastpath.N_ENCODINGS)
             )
             dirty = self.dirty
-            overflowed = fastpath.fanout_into(members, frames, ch.name, ch.policy, pub.offset, dirty)
             opts = ch.options
+            key: Any = ch.name
+            if opts.conflate_key:
+                key = _delivered_key(opts, ch.name, pub.data)
+            overflowed = fastpath.fanout_into(members, frames, key, ch.policy, pub.offset, dirty)
             self.written.append((pub.ingress, opts.pattern, opts.mode))
             self.wake_flusher()
             if trace_log.isEnabledFor(logging.DEBUG):

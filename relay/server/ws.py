@@ -403,6 +403,7 @@ class Connection:
             self.guard.check_publish(env.channel, env.ref)
             try:
                 check_json_compatible(env.data)
+                server.hub.check_publish(env.channel, env.data)
             except PeerError as exc:
                 exc.ref = env.ref
                 raise
