@@ -77,6 +77,7 @@ MAX_LIMITERS = 10_000
 RATE_LIMITED_RETRY_SECONDS = 1
 CORS_MAX_AGE_SECONDS = 600
 CLOSE_GOING_AWAY = 1001
+CLOSE_TRY_AGAIN_LATER = 1013
 JS_TYPE = "text/javascript; charset=utf-8"
 SSE_TYPE = "text/event-stream; charset=utf-8"
 
@@ -297,7 +298,9 @@ class _Subscriber:
         self.started_at = time.time()
         self.channels = [name for name, _ in channels]
         self.since = dict(channels)
-        self.positions: dict[str, tuple[str, int] | None] = {name: None for name in self.channels}
+        #: Each channel's position: what was asked for until ``subscribed`` confirms one.
+        self.positions: dict[str, tuple[str, int] | None] = {
+            name: None if since is None else (since.epoch, since.offset) for name, since in channels}
         self.closing: tuple[int, str] | None = None
         self.send_scope: trio.CancelScope | None = None
         self._lot = trio.lowlevel.ParkingLot()
@@ -353,7 +356,13 @@ class _Subscriber:
         data = outbox.take()
         events: list[tuple[dict[str, Any], bytes]] = []
         for payload in _payloads(data):
-            events.append((loads_json(payload), payload))
+            msg = loads_json(payload)
+            if msg.get("type") == "error":
+                # A subscription the broker could not make (Redis unavailable): these
+                # transports have no request to answer, so the client is told to come back.
+                self.kick(CLOSE_TRY_AGAIN_LATER, f"{msg.get('code')}: {msg.get('message')}")
+                continue
+            events.append((msg, payload))
         for channel, lo, hi in outbox.take_gaps():
             gap = {"type": "gap", "channel": channel, "from": lo, "to": hi}
             events.append((gap, dumps_json(gap)))

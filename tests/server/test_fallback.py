@@ -19,6 +19,9 @@ import trio
 
 from relay.config import AuthConfig, LimitsConfig
 from relay.server.app import RelayServer
+from relay.core.auth import ANONYMOUS
+from relay.core.envelope import Since
+from relay.server import fallback
 from relay.server.fallback import parse_position
 
 from .conftest import http_request, open_client, running_server
@@ -528,6 +531,18 @@ async def test_client_js_is_served_to_any_origin() -> None:
     assert status == 200 and headers["access-control-allow-origin"] == "*"
     assert headers["content-type"].startswith("text/javascript")
     assert b"export class Relay" in body
+
+
+async def test_a_subscription_the_broker_refuses_ends_the_stream_with_1013() -> None:
+    """With Redis down the broker answers a subscribe with ``error unavailable``; an HTTP
+    transport has no request to answer, so it ends with 1013 (come back later)."""
+    with trio.fail_after(10):
+        async with running_server() as server:
+            sub = fallback._Subscriber(server, ANONYMOUS, fallback._SSE_CODEC, [("a", Since("e1", 4))], "peer")
+            assert sub.event_id() == "e1:4"  # the position asked for, until subscribed says more
+            sub.send({"type": "error", "code": "unavailable", "message": "redis is unreachable"})
+            assert sub.take() == [] and sub.close_event() == {
+                "type": "close", "code": 1013, "reason": "unavailable: redis is unreachable"}
 
 
 @pytest.mark.parametrize(("text", "expected"), [
