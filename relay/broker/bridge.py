@@ -192,7 +192,13 @@ class Shard:
         failures = 0
         while True:
             connects = self.connects
-            reason = await self._session()
+            try:
+                reason = await self._session()
+            except Exception as exc:
+                # Whatever Redis or the network did that we did not foresee: logged with its
+                # traceback, then handled like a lost connection (the node stays up).
+                log.exception("redis %s: connection failed unexpectedly", self.endpoint.shown)
+                reason = f"internal error: {exc!r}"
             if self.connects != connects:  # it was up for a while: start the backoff again
                 delay, failures = BACKOFF_FIRST_SECONDS, 0
             self.problem = reason
@@ -209,11 +215,11 @@ class Shard:
         node = self.bridge.node_id
         try:
             cmd = await Link.open(self.endpoint, f"relay-{node}-cmd")
-        except (OSError, trio.TooSlowError, ConnectionLost) as exc:
+        except (OSError, trio.TooSlowError, trio.BrokenResourceError, ConnectionLost) as exc:
             return _describe(exc)
         try:
             sub = await Link.open(self.endpoint, f"relay-{node}-sub")
-        except (OSError, trio.TooSlowError, ConnectionLost) as exc:
+        except (OSError, trio.TooSlowError, trio.BrokenResourceError, ConnectionLost) as exc:
             await cmd.aclose()
             return _describe(exc)
         lost: list[str] = []
@@ -222,7 +228,7 @@ class Shard:
                 with trio.fail_after(PING_TIMEOUT_SECONDS):
                     self.publish_sha = (await cmd.call(("SCRIPT", "LOAD", PUBLISH_LUA))).decode()
                     self.history_sha = (await cmd.call(("SCRIPT", "LOAD", HISTORY_LUA))).decode()
-            except (OSError, trio.TooSlowError, ConnectionLost) as exc:
+            except (OSError, trio.TooSlowError, trio.BrokenResourceError, ConnectionLost) as exc:
                 return _describe(exc)
             self.pipeline = Pipeline(cmd, MAX_PENDING_COMMANDS)
             self.pubsub = PubSub(sub, partial(self.bridge.on_message, self), sharded=self.bridge.cluster)
@@ -349,7 +355,8 @@ class RedisBridge:
             for endpoint in self.endpoints:
                 try:
                     masters, slots = await self._read_slots(endpoint)
-                except (OSError, trio.TooSlowError, ConnectionLost) as exc:
+                except (OSError, trio.TooSlowError, trio.BrokenResourceError, ConnectionLost, ValueError,
+                        TypeError) as exc:
                     self._topology_problem = f"redis cluster {endpoint.shown} unavailable: {_describe(exc)}"
                     continue
                 self.shards = [Shard(self, ep, i) for i, ep in enumerate(masters)]

@@ -114,7 +114,11 @@ class Link:
                 if endpoint.tls:
                     ctx = ssl.create_default_context()
                     stream = trio.SSLStream(stream, ctx, server_hostname=endpoint.host)
-                    await stream.do_handshake()
+                    try:
+                        await stream.do_handshake()
+                    except trio.BrokenResourceError as exc:
+                        reason = exc.__cause__ or exc
+                        raise ConnectionLost(f"TLS handshake failed: {reason}") from None
                 link = cls(stream, endpoint)
                 if endpoint.password is not None:
                     auth = ("AUTH", endpoint.username, endpoint.password) if endpoint.username else (

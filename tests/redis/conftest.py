@@ -12,6 +12,7 @@ import json
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -31,10 +32,12 @@ REDIS_SERVER = shutil.which("redis-server")
 class RedisServer:
     """A redis-server child process on 127.0.0.1:``port``."""
 
-    def __init__(self, port: int, workdir: Path, *extra: str) -> None:
+    def __init__(self, port: int, workdir: Path, *extra: str, tls: bool = False) -> None:
         self.port = port
         self.workdir = workdir
         self.extra = extra
+        #: The server speaks TLS on ``port`` (the test's own commands then skip verification).
+        self.tls = tls
         self.proc: trio.Process | None = None
 
     @property
@@ -54,7 +57,7 @@ class RedisServer:
                 try:
                     if await self.command("PING") == "PONG":
                         return
-                except OSError:
+                except (OSError, trio.BrokenResourceError):
                     pass
                 await trio.sleep(0.02)
 
@@ -72,7 +75,12 @@ class RedisServer:
         """One command over a fresh connection; replies parsed by hiredis."""
         import hiredis
 
-        stream = await trio.open_tcp_stream("127.0.0.1", self.port)
+        stream: trio.abc.Stream = await trio.open_tcp_stream("127.0.0.1", self.port)
+        if self.tls:
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            stream = trio.SSLStream(stream, ctx)
         async with stream:
             await stream.send_all(hiredis.pack_command(tuple(args)))
             reader = hiredis.Reader(encoding="utf-8")
@@ -87,8 +95,9 @@ class RedisServer:
 
 
 @asynccontextmanager
-async def redis_server(workdir: Path, port: int | None = None, *extra: str) -> AsyncIterator[RedisServer]:
-    server = RedisServer(port or free_port(), workdir, *extra)
+async def redis_server(workdir: Path, port: int | None = None, *extra: str,
+                       tls: bool = False) -> AsyncIterator[RedisServer]:
+    server = RedisServer(port or free_port(), workdir, *extra, tls=tls)
     try:
         await server.start()
         yield server
