@@ -204,7 +204,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         await wait_port(redis_port)
         await stack.enter_async_context(process([*relay, "--port", str(single_port), "--node-id", "single"], env))
         await stack.enter_async_context(process([*relay, "--port", str(a_port), "--node-id", "a", "--redis-url", url], env))
-        node_b = await stack.enter_async_context(
+        await stack.enter_async_context(
             process([*relay, "--port", str(b_port), "--node-id", "b", "--redis-url", url], env))
         for port in (single_port, a_port, b_port):
             await wait_ready(port)
@@ -226,7 +226,6 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                                               others)
             results["intake"].append(r)
             print("intake", r, flush=True)
-        del node_b
     shutil.rmtree(work, ignore_errors=True)
     return results
 
