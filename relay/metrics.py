@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from . import fastpath
@@ -44,6 +44,27 @@ class _FunctionCounter:
         for value, count in self._read().items():
             family.add_metric([value], count)
         return [family]
+
+
+class _RedisCollector:
+    """``relay_redis_up`` and ``relay_redis_connects_total`` per shard, read from the
+    bridge at scrape time: (shard address, up, connections made) for each shard."""
+
+    def __init__(self, read: Callable[[], list[tuple[str, bool, int]]]) -> None:
+        self._read = read
+
+    def describe(self) -> list[Any]:
+        return self.collect()
+
+    def collect(self) -> list[Any]:
+        up = GaugeMetricFamily("relay_redis_up", "1 while this node's connections to the Redis "
+                               "shard are up, 0 while it reconnects.", labels=["shard"])
+        connects = CounterMetricFamily("relay_redis_connects", "Connections made to the Redis shard "
+                                       "(more than one: it was lost and reconnected).", labels=["shard"])
+        for shard, is_up, count in self._read():
+            up.add_metric([shard], 1.0 if is_up else 0.0)
+            connects.add_metric([shard], float(count))
+        return [up, connects]
 
 
 class Metrics:
@@ -132,6 +153,16 @@ class Metrics:
         self.send_queue.set_function(lambda: float(sum(queue_sizes())))
         self.send_queue_max.set_function(lambda: float(max(queue_sizes(), default=0)))
         self.client_addresses.set_function(lambda: float(addresses()))
+
+    def bind_redis(self, shards: Callable[[], list[tuple[str, bool, int]]]) -> None:
+        """Export the Redis bridge's state (``shards()``: address, up, connects per shard)
+        and time publishes through it (:attr:`redis_publish`)."""
+        self.redis_publish = Histogram(
+            "relay_redis_publish_seconds",
+            "Round trip of a publish through Redis (the script that assigns the offset, appends "
+            "to the stream and publishes), from the node's submit to Redis' answer.",
+            buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.registry.register(_RedisCollector(shards))
 
     def written(self, batch: list[tuple[float, str, str]], now: float) -> None:
         """Record publish-to-write latency for ``batch``: (ingress unix time, pattern,

@@ -62,7 +62,8 @@ class RelayServer:
             self.security.caps.addresses)
         self.hub = Hub(config, self.metrics)
         if config.redis_url:
-            self.hub.broker = _redis_bridge(config, self.hub, self.node_id)
+            broker = self.hub.broker = _redis_bridge(config, self.hub, self.node_id)
+            self.metrics.bind_redis(lambda: [(s.endpoint.identity, s.up, s.connects) for s in broker.shards])
         self.metrics.bind_channels(lambda: self.hub.statistics().channels)
         self.connections: dict[str, Connection] = {}
         #: Bytes written to WebSocket connections (read by the metrics at scrape time).

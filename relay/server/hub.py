@@ -220,7 +220,7 @@ class Hub:
         """
         self.check_publish(name, data)
         if self.broker is not None:
-            self.broker.submit(name, data, now, done)
+            self.broker.submit(name, data, now, self._timed(done))
             return
         ch, pub = self.publish(name, data, now)
         done(PublishResult(name, ch.log.epoch, pub.offset, pub.trace, pub.ingress))
@@ -239,7 +239,25 @@ class Hub:
         if self.broker is None:
             ch, pub = self.publish(name, data, now)
             return PublishResult(name, ch.log.epoch, pub.offset, pub.trace, pub.ingress)
-        return await self.broker.publish(name, data, now)
+        started = time.perf_counter()
+        result = await self.broker.publish(name, data, now)
+        if self._metrics is not None:
+            self._metrics.redis_publish.observe(time.perf_counter() - started)
+        return result
+
+    def _timed(self, done: PublishDone) -> PublishDone:
+        """``done``, timing the publish's round trip through Redis when it succeeds."""
+        metrics = self._metrics
+        if metrics is None:
+            return done
+        started = time.perf_counter()
+
+        def timed(result: PublishResult | RelayError) -> None:
+            if not isinstance(result, RelayError):
+                metrics.redis_publish.observe(time.perf_counter() - started)
+            done(result)
+
+        return timed
 
     def deliver(self, ch: Channel, pub: Publication) -> None:
         """Hand ``pub`` (the channel's next message) to every member: encode once per
