@@ -251,3 +251,43 @@ async def test_an_event_stream_on_one_node_gets_what_another_node_publishes(tmp_
                     seen += chunk
                 assert seen.startswith(b"HTTP/1.1 200"), seen[:200]
                 assert b'"offset":1' in seen
+
+
+async def test_state_and_poke_channels_work_across_nodes(tmp_path: Path) -> None:
+    config = """
+[[channels]]
+pattern = "prices.*"
+mode = "state"
+history_size = 0
+
+[[channels]]
+pattern = "docs.*"
+mode = "poke"
+history_size = 10
+"""
+    with trio.fail_after(30):
+        async with redis_server(tmp_path) as redis, \
+                relay_nodes(tmp_path, 2, "--redis-url", redis.url, config=config) as (a, b):
+            for price in (1.10, 1.11, 1.12):
+                status, _ = await http(b, "POST", "/api/publish", {"channel": "prices.EURUSD", "data": price})
+                assert status == 200
+            async with client(a) as sub, client(a, "msgpack") as other:
+                # a new subscriber on another node gets the current value at once, from Redis
+                snap = await sub.subscribe("prices.EURUSD", ref=1)
+                assert snap["offset"] == 3 and snap["recovered"] is False
+                assert await sub.recv() == {"type": "message", "channel": "prices.EURUSD", "offset": 3, "data": 1.12}
+                # one that already has it gets nothing again
+                same = await other.subscribe("prices.EURUSD", since={"epoch": snap["epoch"], "offset": 3})
+                assert same["recovered"] is True
+                await other.expect_silence(0.1)
+                await http(b, "POST", "/api/publish", {"channel": "prices.EURUSD", "data": 1.13})
+                for s in (sub, other):
+                    assert (await s.recv())["data"] == 1.13
+                status, hist = await http(a, "GET", "/api/channels/prices.EURUSD/history")
+                assert hist["publications"] == [] and hist["offset"] == 4  # history_size = 0
+
+                await sub.subscribe("docs.readme")
+                await http(b, "POST", "/api/publish", {"channel": "docs.readme", "data": {"big": "x" * 100}})
+                assert await sub.recv() == {"type": "poke", "channel": "docs.readme", "offset": 1}
+                status, hist = await http(a, "GET", "/api/channels/docs.readme/history?since=0")
+                assert [p["data"] for p in hist["publications"]] == [{"big": "x" * 100}]
