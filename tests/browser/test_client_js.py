@@ -9,7 +9,9 @@ offline publish queue; token expiry; the status indicator.
 from __future__ import annotations
 
 import json
+import shutil
 import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -291,3 +293,50 @@ async def test_refresh_replaces_the_token_without_reconnecting(chromium: Chromiu
             await trio.sleep(2.5)  # past the first token's expiry
             assert await page.eval("relay.status") == "connected"
             assert not [d for k, d, *_ in await page.eval("events") if k == "disconnected"]
+
+
+async def test_restart_with_redis_behind_loses_nothing(chromium: Chromium, tmp_path: Path) -> None:
+    """Two relay nodes on one Redis: the page's node is killed (SIGKILL) while the other keeps
+    publishing; the restarted node recovers the missed messages from Redis for the page, which
+    sees every message once, in order, with recovered: true and no loss reported."""
+    redis = shutil.which("redis-server")
+    assert redis is not None, "redis-server is not installed (apt-get install redis-server)"
+    redis_port, port_a, port_b = free_port(), free_port(), free_port()
+    config = tmp_path / "relay.toml"
+    config.write_text(f'redis_url = "redis://127.0.0.1:{redis_port}/0"\n'
+                      f'[auth]\nallowed_origins = ["{APP_ORIGIN}"]\n')
+    with trio.fail_after(45):
+        redis_proc = await trio.lowlevel.open_process(
+            [redis, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(tmp_path)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            async with relay_process(port_b, str(config)):
+                async with relay_process(port_a, str(config)) as node_a:
+                    async with open_page(chromium, f"http://127.0.0.1:{port_a}/client.js") as page:
+                        await page.eval(f"([url]) => start(url, {{{FAST}}})", [f"ws://127.0.0.1:{port_a}/ws"])
+                        await page.eval("sub('chat.x').ready.then(() => 0)")
+                        for n in (1, 2):  # published on the other node
+                            await http_publish(port_b, "chat.x", n)
+                        await page.wait("received['chat.x'].length === 2")
+                        node_a.send_signal(signal.SIGKILL)
+                        await node_a.wait()
+                        for n in (3, 4):  # while the page's node is down
+                            await http_publish(port_b, "chat.x", n)
+                        await page.wait("relay.status === 'reconnecting'")
+                        await page.eval("window.queued = pub('chat.x', 'queued'); 0")
+                        async with relay_process(port_a, str(config)):
+                            await page.wait("relay.status === 'connected'")
+                            ack = await page.eval("queued")
+                            await http_publish(port_b, "chat.x", 5)
+                            await page.wait("received['chat.x'].length === 6")
+                            await trio.sleep(0.2)
+                            received = await page.received("chat.x")
+                            lost = await page.eval("lost")
+                            subscribed = [d for k, d, *_ in await page.eval("events") if k == "subscribed"]
+        finally:
+            redis_proc.kill()
+            with trio.CancelScope(shield=True):
+                await redis_proc.wait()
+    assert received == [(1, 1), (2, 2), (3, 3), (4, 4), (5, "queued"), (6, 5)]
+    assert ack["offset"] == 5 and lost == []
+    assert subscribed[-1]["recovered"] is True and subscribed[-1]["epoch"] == subscribed[0]["epoch"]
