@@ -24,9 +24,10 @@ ran; it joins the members once the live cursor reaches it, so live messages alre
 covered by the history are not sent again.
 
 Each Redis URL is a :class:`Shard` (two connections: pipelined commands, pub/sub) that
-reconnects with exponential backoff and full jitter, then resubscribes every channel
+reconnects with exponential backoff and jitter, then resubscribes every channel
 with local interest and catches each one up from the stream. Channels are spread over
-shards by consistent hashing (:mod:`relay.broker.ring`).
+shards by consistent hashing (:mod:`relay.broker.ring`), or, with ``redis_cluster``, by the
+cluster's hash slots (one shard per master, read again after a failover or a resharding).
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ MAX_FETCH = 10_000
 MAX_JOIN_ROUNDS = 8
 #: Hash slots of a Redis Cluster.
 CLUSTER_SLOTS = 16384
+#: A cluster's slots are read again at most this often (after a lost connection or MOVED).
+TOPOLOGY_REFRESH_SECONDS = 0.5
 
 PUBLISH_LUA = """
 local epoch = redis.call('hget', KEYS[1], 'e')
@@ -158,6 +161,8 @@ class Shard:
         self.publish_sha = ""
         self.history_sha = ""
         self.connects = 0
+        self.retired = False
+        self._scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
         self._failed: str | None = None
 
@@ -187,7 +192,16 @@ class Shard:
     def unavailable(self, ref: Ref = None) -> Unavailable:
         return Unavailable(f"redis {self.endpoint.shown} unavailable: {self.problem}", ref=ref)
 
+    def retire(self) -> None:
+        """Stop this shard for good (a cluster master that is no longer one)."""
+        self.retired = True
+        self._scope.cancel()
+
     async def run(self) -> None:
+        with self._scope:
+            await self._run()
+
+    async def _run(self) -> None:
         delay = BACKOFF_FIRST_SECONDS
         failures = 0
         while True:
@@ -203,6 +217,7 @@ class Shard:
                 delay, failures = BACKOFF_FIRST_SECONDS, 0
             self.problem = reason
             failures += 1
+            self.bridge.topology_suspect()  # in a cluster: maybe a failover or a resharding
             wait = random.uniform(delay / 2, delay)
             level = logging.WARNING if failures == 1 else logging.DEBUG
             log.log(level, "redis %s unavailable: %s; reconnecting in %.2fs",
@@ -296,7 +311,7 @@ class RedisChannel:
     live buffer and subscribers on their way in."""
 
     __slots__ = ("shard", "keys", "state", "ready", "buffer", "filling", "new_epoch",
-                 "joiners", "pending", "closed", "subscribed")
+                 "joiners", "pending", "closed", "subscribed", "generation")
 
     def __init__(self, shard: Shard, name: str) -> None:
         self.shard = shard
@@ -313,6 +328,8 @@ class RedisChannel:
         self.closed = False
         #: SUBSCRIBE was sent on the current pub/sub connection.
         self.subscribed = False
+        #: Grows each time the channel is put on hold (shard lost, slot moved).
+        self.generation = 0
 
 
 class RedisBridge:
@@ -331,6 +348,7 @@ class RedisBridge:
         self.ring = None if self.cluster else HashRing([ep.identity for ep in self.endpoints])
         self._slots: list[int] | None = None
         self._topology_problem = "redis cluster topology not read yet"
+        self._refresh = trio.Event()
         self._state: dict[str, RedisChannel] = {}
         self._nursery: trio.Nursery | None = None
 
@@ -345,30 +363,67 @@ class RedisBridge:
             task_status.started()
 
     async def _run_cluster(self, nursery: trio.Nursery) -> None:
-        """Read the cluster's slots from the first seed that answers (retrying with
-        backoff), then run one shard per master.
-
-        The topology is read once: after a resharding or a failover, restart the nodes.
-        """
+        """Read the cluster's slots from a seed or a known master (retrying with backoff),
+        run one shard per master, and read them again whenever a shard loses its
+        connection or Redis answers ``MOVED`` (a failover or a resharding): channels whose
+        slot moved are resubscribed on their new master and caught up from its stream."""
         delay = BACKOFF_FIRST_SECONDS
         while True:
-            for endpoint in self.endpoints:
+            known = [s.endpoint for s in self.shards] + self.endpoints
+            for endpoint in dict.fromkeys(known):
                 try:
                     masters, slots = await self._read_slots(endpoint)
                 except (OSError, trio.TooSlowError, trio.BrokenResourceError, ConnectionLost, ValueError,
                         TypeError) as exc:
-                    self._topology_problem = f"redis cluster {endpoint.shown} unavailable: {_describe(exc)}"
+                    if self._slots is None:
+                        self._topology_problem = f"redis cluster {endpoint.shown} unavailable: {_describe(exc)}"
                     continue
-                self.shards = [Shard(self, ep, i) for i, ep in enumerate(masters)]
-                self._slots = slots
-                log.info("redis cluster: %d masters (%s)", len(masters),
-                         ", ".join(ep.identity for ep in masters))
-                for shard in self.shards:
-                    nursery.start_soon(shard.run)
-                return
-            log.warning("%s; retrying in %.2fs", self._topology_problem, delay)
-            await trio.sleep(random.uniform(delay / 2, delay))
-            delay = min(delay * 2, BACKOFF_MAX_SECONDS)
+                self._apply_topology(masters, slots, nursery)
+                delay = BACKOFF_FIRST_SECONDS
+                await self._refresh.wait()
+                self._refresh = trio.Event()
+                await trio.sleep(TOPOLOGY_REFRESH_SECONDS)  # at most this often
+                break
+            else:
+                if self._slots is None:
+                    log.warning("%s; retrying in %.2fs", self._topology_problem, delay)
+                await trio.sleep(random.uniform(delay / 2, delay))
+                delay = min(delay * 2, BACKOFF_MAX_SECONDS)
+
+    def topology_suspect(self) -> None:
+        """Ask for the cluster's slots to be read again (no-op without a cluster)."""
+        if self.cluster:
+            self._refresh.set()
+
+    def _apply_topology(self, masters: list[Endpoint], slots: list[int], nursery: trio.Nursery) -> None:
+        current = {s.endpoint.identity: s for s in self.shards}
+        shards: list[Shard] = []
+        for endpoint in masters:
+            shard = current.pop(endpoint.identity, None)
+            if shard is None:
+                shard = Shard(self, endpoint, len(shards))
+                nursery.start_soon(shard.run)
+            shard.index = len(shards)
+            shards.append(shard)
+        changed = bool(current) or len(shards) != len(self.shards) or slots != self._slots
+        self.shards, self._slots = shards, slots
+        for gone in current.values():
+            gone.retire()
+        if not changed:
+            return
+        log.info("redis cluster: %d masters (%s)", len(shards), ", ".join(s.endpoint.identity for s in shards))
+        for name, state in list(self._state.items()):
+            shard = self.shard_for(name)
+            if state.shard is shard:
+                continue
+            old = state.shard
+            if state.subscribed and old.pubsub is not None:
+                old.pubsub.unsubscribe([state.keys[2]])
+            self._hold(state)
+            state.shard = shard
+            if shard.up:
+                self._start_sync(name, state)
+            # else: shard_up starts it once the new master is connected
 
     async def _read_slots(self, seed: Endpoint) -> tuple[list[Endpoint], list[int]]:
         link = await Link.open(seed, f"relay-{self.node_id}-topology")
@@ -451,6 +506,8 @@ class RedisBridge:
             if isinstance(reply, RelayError):
                 done(reply)
             elif isinstance(reply, hiredis.ReplyError):
+                if str(reply).startswith(("MOVED", "ASK", "CLUSTERDOWN")):
+                    self.topology_suspect()
                 done(Unavailable(f"redis {shard.endpoint.shown} refused the publish: {reply}"))
             else:
                 done(PublishResult(name, reply[0].decode(), int(reply[1]), trace, ingress))
@@ -487,6 +544,8 @@ class RedisBridge:
                 "EVALSHA", shard.history_sha, 2, meta, stream, what, since, count,
                 secrets.token_hex(4) if create else "", _milliseconds(max(opts.history_ttl, META_TTL_SECONDS)))
         except hiredis.ReplyError as exc:
+            if str(exc).startswith(("MOVED", "ASK", "CLUSTERDOWN")):
+                self.topology_suspect()
             if not str(exc).startswith("NOSCRIPT"):
                 raise Unavailable(f"redis {shard.endpoint.shown} refused a history read: {exc}") from None
             reply = await pipeline.call(
@@ -574,44 +633,50 @@ class RedisBridge:
         state.shard.start_soon(self._sync, name, state)
 
     async def _sync(self, name: str, state: RedisChannel) -> None:
-        """Subscribe the node to the channel, then read where it stands (or catch up)."""
-        pubsub = state.shard.pubsub
+        """Subscribe the node to the channel, then read where it stands (or catch up).
+
+        Gives up quietly when the channel was released or moved to another shard meanwhile
+        (``state.generation`` changed): whoever did that started a new sync.
+        """
+        shard, generation = state.shard, state.generation
+        pubsub = shard.pubsub
         assert pubsub is not None
         if state.closed:
             return  # released before this task ran: nothing was subscribed
         state.subscribed = True
         await pubsub.subscribe([state.keys[2]])[0].wait()
-        if state.closed:
+        if state.closed or state.generation != generation:
             return  # released meanwhile: _release sent the UNSUBSCRIBE
         ch = self.hub.get(name)
         assert ch is not None
         if not ch.log.epoch:
             opts = ch.options
             epoch, top, entries = await self._read(
-                state.shard, name, "last" if opts.mode != "stream" else "top", 0, 1, True)
-            if state.closed:
+                shard, name, "last" if opts.mode != "stream" else "top", 0, 1, True)
+            if state.closed or state.generation != generation:
                 return
             ch.log.epoch, ch.log.offset = epoch, top
             now = trio.current_time()
             for latest in _decode_entries(entries, now):
                 ch.log.latest = latest if latest.offset == top else None
-        else:
-            await self._fill(name, state)
-            if state.closed:
-                return
+        elif not await self._fill(name, state, generation):
+            return
         state.state = _LIVE
         state.ready.set()
         self._drain(name, state)
 
-    async def _fill(self, name: str, state: RedisChannel) -> None:
-        """Deliver what the stream has after the live cursor (after a gap or a reconnection)."""
+    async def _fill(self, name: str, state: RedisChannel, generation: int) -> bool:
+        """Deliver what the stream has after the live cursor (after a gap or a reconnection).
+
+        Returns False when the channel was released or moved meanwhile.
+        """
         ch = self.hub.get(name)
         assert ch is not None
         count = min(max(ch.options.history_size, 1), MAX_FETCH)
         for _ in range(MAX_JOIN_ROUNDS):
             epoch, top, entries = await self._read(state.shard, name, "since", ch.log.offset, count, True)
-            if state.closed:
-                return
+            if state.closed or state.generation != generation:
+                return False
             if epoch != ch.log.epoch:
                 # The channel's history is gone (Redis flushed or restarted empty, or its
                 # keys expired): offsets start again under a new epoch.
@@ -625,7 +690,8 @@ class RedisBridge:
             if len(entries) < count:
                 if top > ch.log.offset:
                     self._gap(ch, state, ch.log.offset + 1, top)
-                return
+                return True
+        return True
 
     def _drain(self, name: str, state: RedisChannel) -> None:
         """Process the live messages held while the channel was catching up."""
@@ -674,8 +740,7 @@ class RedisBridge:
                                                    time=trio.current_time()))
 
     async def _refill(self, name: str, state: RedisChannel) -> None:
-        await self._fill(name, state)
-        if state.closed:
+        if not await self._fill(name, state, state.generation):
             return
         state.filling = False
         self._drain(name, state)
@@ -725,7 +790,8 @@ class RedisBridge:
         out = sub.outbox
         answered = False
         try:
-            await state.ready.wait()
+            while state.state != _LIVE:
+                await state.ready.wait()
             recovered, follow, cursor = await self._recover(name, ch, state, since)
             if state.pending.get(out) is not token:
                 answered = True
@@ -832,8 +898,15 @@ class RedisBridge:
         """Hold every channel of ``shard`` until it is back (members stay subscribed)."""
         for state in self._state.values():
             if state.shard is shard and state.state != _IDLE:
-                state.subscribed = False  # that connection is gone, and its subscriptions
-                state.state = _SYNCING
-                state.ready = trio.Event()
-                state.buffer.clear()
-                state.filling = False
+                self._hold(state)
+
+    @staticmethod
+    def _hold(state: RedisChannel) -> None:
+        """Stop delivering a channel until it is synced again (members stay subscribed)."""
+        state.subscribed = False  # that connection is gone, and its subscriptions
+        state.generation += 1  # a sync or fill still running for it gives up
+        state.state = _SYNCING
+        if state.ready.is_set():  # (an unset one may have waiters: they keep waiting on it)
+            state.ready = trio.Event()
+        state.buffer.clear()
+        state.filling = False

@@ -192,24 +192,32 @@ def port_is_free(port: int) -> bool:
 
 
 @asynccontextmanager
-async def redis_cluster(workdir: Path, masters: int = 3) -> AsyncIterator[list[RedisServer]]:
-    """A Redis Cluster of ``masters`` masters (no replicas), each in its own directory,
-    created with ``redis-cli --cluster create``; yields once every node says cluster_state:ok."""
+async def redis_cluster(workdir: Path, masters: int = 3, replicas: int = 0) -> AsyncIterator[list[RedisServer]]:
+    """A Redis Cluster of ``masters`` masters with ``replicas`` replicas each, every node in
+    its own directory, created with ``redis-cli --cluster create``; yields once every node
+    says cluster_state:ok. A master that dies is failed over after about a second."""
     redis_cli = shutil.which("redis-cli")
     assert redis_cli is not None, "redis-cli is not installed (it comes with redis-server)"
     async with AsyncExitStack() as stack:
         nodes = []
-        for i in range(masters):
+        for i in range(masters * (1 + replicas)):
             (workdir / f"cluster{i}").mkdir()
             nodes.append(await stack.enter_async_context(redis_server(
                 workdir / f"cluster{i}", cluster_port(), "--cluster-enabled", "yes",
-                "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "5000")))
+                "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "1000",
+                "--cluster-replica-validity-factor", "0")))
         await trio.run_process(
             [redis_cli, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes),
-             "--cluster-replicas", "0", "--cluster-yes"],
+             "--cluster-replicas", str(replicas), "--cluster-yes"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         with trio.fail_after(20):
             for node in nodes:
                 while "cluster_state:ok" not in await node.command("CLUSTER", "INFO"):
+                    await trio.sleep(0.05)
+            for node in nodes:  # every replica has synced with its master
+                while True:
+                    info = await node.command("INFO", "replication")
+                    if "role:master" in info or "master_link_status:up" in info:
+                        break
                     await trio.sleep(0.05)
         yield nodes

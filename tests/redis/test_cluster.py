@@ -46,3 +46,49 @@ async def test_nodes_on_a_redis_cluster_deliver_and_recover_through_sharded_pub_
                 assert answer["recovered"] is True and answer["offset"] == 2, answer
                 assert (await back.recv())["data"] == "later"
             await wait_ready(a)
+
+
+async def test_a_failover_in_the_cluster_is_followed_without_restarting_the_nodes(tmp_path: Path) -> None:
+    with trio.fail_after(60):
+        async with redis_cluster(tmp_path, masters=3, replicas=1) as servers, \
+                relay_nodes(tmp_path, 2, "--redis-cluster", "--redis-url", servers[0].url) as (a, b):
+            channel = "match.42"
+            slot = await servers[0].command("CLUSTER", "KEYSLOT", f"relay:{{{channel}}}")
+
+            async def owner() -> int:
+                for server in servers:
+                    if server.proc is not None and server.proc.returncode is None:
+                        try:
+                            for start, end, master, *_ in await server.command("CLUSTER", "SLOTS"):
+                                if start <= slot <= end:
+                                    return int(master[1])
+                        except OSError:
+                            continue
+                raise AssertionError("no live node answers CLUSTER SLOTS")
+
+            async with client(a) as sub:
+                first = await sub.subscribe(channel, ref=1)
+                for i in range(3):
+                    status, _ = await http(b, "POST", "/api/publish", {"channel": channel, "data": i})
+                    assert status == 200
+                assert [(await sub.recv())["offset"] for _ in range(3)] == [1, 2, 3]
+                await trio.sleep(0.3)  # let the replica catch up (replication is asynchronous)
+                dead = await owner()
+                victim = next(s for s in servers if s.port == dead)
+                await victim.kill()
+                with trio.move_on_after(20) as waited:  # the replica is promoted; relay follows the new owner
+                    while True:
+                        status, body = await http(b, "POST", "/api/publish", {"channel": channel, "data": "after"})
+                        if status == 200:
+                            break
+                        assert status == 503 and body["error"] == "unavailable", body
+                        await trio.sleep(0.1)
+                assert not waited.cancelled_caught, (body, b.output[-3000:])
+                assert await owner() != dead
+                assert body["epoch"] == first["epoch"] and body["offset"] >= 4, body
+                got = await sub.recv(timeout=10)
+                while got.get("data") != "after":
+                    got = await sub.recv(timeout=10)
+                assert got["offset"] == body["offset"]
+            await wait_ready(a)
+            await wait_ready(b)
