@@ -13,6 +13,7 @@ no clock. ``docs/configuration.md`` is the user-facing reference and must stay t
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import json
 import math
 import re
@@ -155,6 +156,8 @@ class Config:
     drain_timeout: float = 10.0
     drain_window: float = 5.0
     insecure: bool = False
+    #: Reverse proxies (addresses or CIDR networks) whose X-Forwarded-For names the client.
+    trusted_proxies: tuple[str, ...] = ()
     log_format: str = "text"
     #: Redis servers (``redis://`` or ``rediss://`` URLs); empty: the in-memory broker.
     #: Several URLs shard channels over them (consistent hashing of the channel name).
@@ -290,6 +293,14 @@ def _limit(kind: type = int) -> _Spec:
     return _Spec(kind, f"{noun} >= 0 (0 turns the limit off)", lambda v: v >= 0)
 
 
+def _is_network(text: str) -> bool:
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return False
+    return True
+
+
 def _strings(expected: str, item_ok: Callable[[str], bool], *, secret: bool = False) -> _Spec:
     """A list of strings: a TOML array, or comma-separated text in the environment."""
     return _Spec(tuple, expected, lambda v: all(item_ok(item) for item in v), secret=secret)
@@ -319,6 +330,8 @@ _CONFIG_SPECS: dict[str, _Spec] = {
     "max_message_size": _int_range(1, MAX_MESSAGE_SIZE_BYTES),
     "send_queue_size": _int_range(1),
     "max_channel_length": _int_range(1, MAX_CHANNEL_LENGTH_LIMIT),
+    "trusted_proxies": _strings(
+        "a list of IP addresses or CIDR networks such as '10.0.0.0/8' or '::1'", _is_network),
     "drain_timeout": _non_negative_seconds(),
     "drain_window": _non_negative_seconds(),
     "insecure": _Spec(bool, "true or false"),

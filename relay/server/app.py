@@ -24,6 +24,7 @@ from ..config import Config, effective_node_id
 from ..core.codec import CODECS
 from ..errors import ConfigError
 from ..metrics import Metrics
+from .forwarded import TrustedProxies
 from .frontdoor import handle_stream
 from .hub import Hub
 from .security import build_security, build_ssl_context
@@ -54,6 +55,8 @@ class RelayServer:
         self.security = build_security(config)
         #: TLS context when ``[tls]`` is configured: every connection is TLS.
         self.ssl_context = build_ssl_context(config)
+        #: Whose X-Forwarded-For names the client (``trusted_proxies``).
+        self.trusted_proxies = TrustedProxies(config.trusted_proxies)
         #: Unix time the server was created (``/stats`` uptime).
         self.started_at = time.time()
         self.metrics.bind_load(

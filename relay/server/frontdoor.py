@@ -346,6 +346,7 @@ async def _serve_requests(server: RelayServer, reader: _Reader, peer: str) -> No
                 event = await reader.next_event()
                 if not isinstance(event, h11.Request):
                     return  # closed before a request (or a stray event): nothing to answer
+                client = server.trusted_proxies.client(peer, event.headers)
                 if _is_upgrade(event):
                     if not first:
                         await _send(reader, http_api.error_response(
@@ -356,7 +357,7 @@ async def _serve_requests(server: RelayServer, reader: _Reader, peer: str) -> No
                     # the request's headers alive for the connection's lifetime.
                     reader.upgrade_request = event
                     del event
-                    await _upgrade(server, reader, peer, scope)
+                    await _upgrade(server, reader, client, scope)
                     return
                 scope.deadline = trio.current_time() + cfg.handshake_timeout
                 reader.keep_raw = False
@@ -380,7 +381,7 @@ async def _serve_requests(server: RelayServer, reader: _Reader, peer: str) -> No
                 413, "too_large", f"body exceeds max_message_size={cfg.max_message_size:,} bytes")
             route_name, close = "too_large", True
         elif fallback.handles(event.target):
-            route_name, answer = await fallback.route(server, reader, method, event.target, body, headers, peer)
+            route_name, answer = await fallback.route(server, reader, method, event.target, body, headers, client)
             if answer is None:  # an event stream: it used the connection to its end
                 server.metrics.http_requests.labels(route_name, "200").inc()
                 return

@@ -67,9 +67,13 @@ def header(headers: Headers, name: bytes) -> bytes | None:
 
 
 def peer_ip(peer: str) -> str:
-    """Return the address part of ``"1.2.3.4:5"`` or ``"[::1]:5"``."""
-    host = peer.rpartition(":")[0] if ":" in peer else peer
-    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    """Return the address part of ``"1.2.3.4:5"``, ``"[::1]:5"``, or of an address given
+    without a port (``"1.2.3.4"``, ``"[::1]"``: a client address forwarded by a proxy)."""
+    if peer.startswith("[") and "]" in peer:
+        return peer[1:peer.index("]")]
+    if peer.count(":") == 1:
+        return peer.rpartition(":")[0]
+    return peer
 
 
 def is_loopback(host: str) -> bool:
