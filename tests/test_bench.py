@@ -199,3 +199,81 @@ def test_merged_percentiles_come_from_the_merged_histogram() -> None:
     summary = bench._hist_summary([(1000, 1), (2000, 1), (9000, 1), (10000, 1)], parts)
     assert summary == {"count": 4, "min": 1.0, "mean": 5.5, "p50": 2.0, "p90": 10.0, "p99": 10.0, "p99.9": 10.0,
                        "max": 10.0}
+
+
+def _capture_publishes(listener: socket.socket, count: int, seen: list[bytes]) -> None:
+    """Accept one publisher, answer its upgrade, and keep the payloads of its first ``count`` frames."""
+    conn, _ = listener.accept()
+    with conn:
+        conn.settimeout(10)
+        request = b""
+        while b"\r\n\r\n" not in request:
+            request += conn.recv(4096)
+        conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+        while len(seen) < count:
+            op, payload = _read_client_frame(conn)
+            if op in (1, 2):
+                seen.append(payload)
+        conn.sendall(_frame(8, struct.pack("!H", 1000)))
+
+
+@pytest.mark.parametrize("encoding", ["json", "msgpack"])
+def test_cload_pub_keys_adds_a_round_robin_symbol(cload: Path, encoding: str) -> None:
+    """``cload pub --keys N`` (W4's feed): every data object carries t, s and symbol SYM<s mod N>."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    seen: list[bytes] = []
+    count = 12
+    server = threading.Thread(target=_capture_publishes, args=(listener, count, seen), daemon=True)
+    server.start()
+    try:
+        proc = subprocess.run(
+            [str(cload), "pub", "--port", str(listener.getsockname()[1]), "--encoding", encoding, "--rate", "2000",
+             "--count", str(count), "--start", "now", "--keys", "5", "--key-field", "sym", "--prefix", "w4k.",
+             "--payload-bytes", "80", "--linger", "1"],
+            capture_output=True, text=True, timeout=30, check=False)
+    finally:
+        server.join(10)
+        listener.close()
+    assert json.loads(proc.stdout.splitlines()[0])["sent"] == count, proc.stdout + proc.stderr
+    msgs = [json.loads(p) if encoding == "json" else msgpack.unpackb(p) for p in seen]
+    assert [m["type"] for m in msgs] == ["publish"] * count
+    assert {m["channel"] for m in msgs} == {"w4k.0"}
+    assert [list(m["data"]) for m in msgs] == [["t", "s", "sym", "p"]] * count
+    assert [m["data"]["s"] for m in msgs] == list(range(count))
+    assert [m["data"]["sym"] for m in msgs] == [f"SYM{i % 5:03d}" for i in range(count)]
+    times = [m["data"]["t"] for m in msgs]
+    assert times == sorted(times) and times[0] > 0
+
+
+def test_relay_bench_w4_quick_fast_get_everything_slow_ends_current(tmp_path: Path) -> None:
+    """A short W4 run (keyed conflation) against a real relay server: the fast subscribers lose
+    nothing, the slow one is conflated (fewer messages than published), never sees an older
+    value of a symbol after a newer one, and ends with the last value of every symbol."""
+    impl = "compiled" if fastpath.IMPLEMENTATION == "cython" else "pure"
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run(
+        [sys.executable, "-m", "relay", "bench", "w4", "--quick", "--impl", impl, "--json", str(out)],
+        capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    (run,) = report["scenarios"]["w4"][f"relay-{impl}"]["steps"]
+    assert run["variant"] == "keyed" and run["fastpath"] == fastpath.IMPLEMENTATION
+    fast, probe, slow = run["fast"], run["probe"], run["slow"]
+    # fast subscribers (C) and the fast probe: every update, in order
+    assert fast["expected"] == fast["received"] > 0
+    assert (fast["loss"], fast["offset_gaps"], fast["out_of_order"], fast["closes"], fast["eof"]) == (0, 0, 0, 0, 0)
+    assert probe["received"] >= run["measured_messages"]
+    assert (probe["offset_jumps"], probe["offset_backwards"], probe["stale_after_fresh"]) == (0, 0, 0)
+    assert probe["symbols_at_final"] == probe["symbols_total"] == run["keys"]
+    # the slow subscriber: conflated, per symbol never backwards, ends current, not closed
+    (client,) = slow["per_client"]
+    assert 0 < client["received_window"] < run["published_window"]
+    assert client["offset_skipped"] > 0
+    assert client["stale_after_fresh"] == 0
+    assert client["symbols_at_final"] == client["symbols_total"] == run["keys"]
+    assert client["close_code"] is None and not client["eof"]
+    # staleness was sampled for both, and the report renders it
+    assert slow["age_ms"]["count"] > 0 and probe["age_ms"]["count"] > 0
+    assert "W4: keyed conflation" in proc.stdout
+    assert report["summary"][f"relay-{impl}"]["w4_keyed_pass"] is True

@@ -24,7 +24,9 @@
  *   cload pub --port P --rate R --count K [options]
  *       One connection; publishes K messages `{"t":T,"s":S,"p":"xx.."}` on an absolute
  *       schedule (message k is due at start + k/R; a late send does not shift later ones),
- *       `t` read just before each send. Prints {"event":"result",...} with its pacing
+ *       `t` read just before each send. With --keys N the data also carries a key field
+ *       (--key-field, default "symbol") after `s`: "SYM000".."SYM<N-1>", round robin by
+ *       sequence number (message S has key S mod N), for channels with conflate_key. Prints {"event":"result",...} with its pacing
  *       error, then lingers (answering pings) until "stop"/EOF on stdin or --linger S.
  *
  * Loopback only: the host must be 127.0.0.1 or ::1. Every phase has a time limit.
@@ -248,6 +250,8 @@ typedef struct {
     double rate, linger, late_limit;
     int64_t count, measure_from, seq0;
     int payload_bytes;
+    int keys;              /* > 0: add a key field, round robin over this many values */
+    const char *key_field;
 } opts_t;
 
 static opts_t O = {
@@ -255,7 +259,7 @@ static opts_t O = {
     .conns = 1, .threads = 1, .index_base = 0, .inflight = 256, .subscribe = 1, .hold = 0,
     .first_seq = 0, .last_seq = -1, .duration = 60, .connect_timeout = 60, .start_at = 0, .start_now = 0,
     .read_buffer = 1 << 20, .batch_us = 0, .rx_timestamps = 1, .rate = 1000, .linger = 10, .late_limit = 2.0, .count = 0, .measure_from = 0,
-    .seq0 = 0, .payload_bytes = 64,
+    .seq0 = 0, .payload_bytes = 64, .keys = 0, .key_field = "symbol",
 };
 
 static struct sockaddr_storage g_addr;
@@ -270,7 +274,8 @@ static void usage(void) {
         "                 [--connect-timeout S] [--inflight K] [--no-subscribe] [--hold] [--read-buffer BYTES]\n"
         "                 [--batch-us US] [--no-rx-timestamps]\n"
         "       cload pub --port P --rate R --count K [--seq0 S0] [--measure-from K0] [--start now|NS]\n"
-        "                 [--payload-bytes B] [--channels C] [--prefix bench.] [--linger S] [--late-limit S]\n",
+        "                 [--payload-bytes B] [--channels C] [--prefix bench.] [--linger S] [--late-limit S]\n"
+        "                 [--keys N [--key-field symbol]]\n",
         stderr);
     exit(2);
 }
@@ -323,6 +328,8 @@ static void parse_args(int argc, char **argv) {
         else if (!strcmp(a, "--seq0")) O.seq0 = (int64_t)parse_num(a, NEXT(), 0, 9e15);
         else if (!strcmp(a, "--measure-from")) O.measure_from = (int64_t)parse_num(a, NEXT(), 0, 1e10);
         else if (!strcmp(a, "--payload-bytes")) O.payload_bytes = (int)parse_num(a, NEXT(), 0, 1 << 24);
+        else if (!strcmp(a, "--keys")) O.keys = (int)parse_num(a, NEXT(), 0, 1e6);
+        else if (!strcmp(a, "--key-field")) O.key_field = NEXT();
         else if (!strcmp(a, "--linger")) O.linger = parse_num(a, NEXT(), 0, 3600);
         else if (!strcmp(a, "--late-limit")) O.late_limit = parse_num(a, NEXT(), 0, 3600);
         else if (!strcmp(a, "-h") || !strcmp(a, "--help")) usage();
@@ -349,6 +356,8 @@ static void parse_args(int argc, char **argv) {
         die("refusing to target %s: only 127.0.0.1 or ::1 (loopback)", O.host);
     }
     if (strlen(O.prefix) > 200) die("--prefix is too long");
+    if (!O.key_field[0] || strlen(O.key_field) > 31 || strpbrk(O.key_field, "\"\\"))
+        die("--key-field must be 1 to 31 characters without quotes or backslashes");
     if (O.path[0] != '/' || strlen(O.path) > 1000 || strpbrk(O.path, " \r\n")) die("--path must look like /ws");
 }
 
@@ -1551,6 +1560,11 @@ static int run_pub(void) {
     /* Pad so that the data object {"t":T,"s":S,"p":"..."} is about --payload-bytes long. */
     int64_t last_seq = O.seq0 + (O.count ? O.count - 1 : 0);
     int base = O.msgpack ? 1 + 11 + 7 + 2 + 1 : (int)strlen("{\"t\":,\"s\":,\"p\":\"\"}") + digits((uint64_t)mono_ns()) + digits((uint64_t)last_seq);
+    /* --keys: the key field "K":"SYM000" (msgpack: fixstr name, fixstr value) after "s". */
+    int key_digits = O.keys > 0 ? digits((uint64_t)(O.keys - 1)) : 0;
+    if (key_digits && key_digits < 3) key_digits = 3;
+    int key_len = (int)strlen(O.key_field);
+    if (O.keys > 0) base += O.msgpack ? 1 + key_len + 1 + 3 + key_digits : key_len + 6 + 3 + key_digits;
     int pad = O.payload_bytes - base;
     if (pad < 0) pad = 0;
     if (O.msgpack && pad >= 32) pad = pad - 1 >= 256 ? pad - 2 : pad - 1; /* str8/str16 header */
@@ -1587,7 +1601,12 @@ static int run_pub(void) {
         int ch = (int)(seq % O.channels);
         int64_t ts = mono_ns();
         size_t n;
-        if (!O.msgpack) {
+        if (!O.msgpack && O.keys > 0) {
+            n = (size_t)snprintf((char *)pl, cap,
+                                 "{\"type\":\"publish\",\"channel\":\"%s%d\",\"data\":{\"t\":%" PRId64 ",\"s\":%" PRId64
+                                 ",\"%s\":\"SYM%0*d\",\"p\":\"%s\"}}",
+                                 O.prefix, ch, ts, seq, O.key_field, key_digits, (int)(seq % O.keys), padbuf);
+        } else if (!O.msgpack) {
             n = (size_t)snprintf((char *)pl, cap,
                                  "{\"type\":\"publish\",\"channel\":\"%s%d\",\"data\":{\"t\":%" PRId64 ",\"s\":%" PRId64
                                  ",\"p\":\"%s\"}}",
@@ -1602,11 +1621,21 @@ static int run_pub(void) {
             else pl[n++] = 0xd9, pl[n++] = (uint8_t)nl;
             memcpy(pl + n, name, (size_t)nl);
             n += (size_t)nl;
-            memcpy(pl + n, "\xa4" "data\x83\xa1t\xcf", 9);
+            memcpy(pl + n, O.keys > 0 ? "\xa4" "data\x84\xa1t\xcf" : "\xa4" "data\x83\xa1t\xcf", 9);
             n += 9;
             for (int i = 7; i >= 0; i--) pl[n++] = (uint8_t)((uint64_t)ts >> (8 * i));
             pl[n++] = 0xa1, pl[n++] = 's', pl[n++] = 0xce;
             for (int i = 3; i >= 0; i--) pl[n++] = (uint8_t)((uint64_t)seq >> (8 * i));
+            if (O.keys > 0) {
+                pl[n++] = (uint8_t)(0xa0 | key_len);
+                memcpy(pl + n, O.key_field, (size_t)key_len);
+                n += (size_t)key_len;
+                char kv[32];
+                int kl = snprintf(kv, sizeof kv, "SYM%0*d", key_digits, (int)(seq % O.keys));
+                pl[n++] = (uint8_t)(0xa0 | kl);
+                memcpy(pl + n, kv, (size_t)kl);
+                n += (size_t)kl;
+            }
             pl[n++] = 0xa1, pl[n++] = 'p';
             if (pad < 32) pl[n++] = (uint8_t)(0xa0 | pad);
             else if (pad < 256) pl[n++] = 0xd9, pl[n++] = (uint8_t)pad;

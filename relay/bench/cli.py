@@ -31,8 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="relay bench",
         description="End-to-end load scenarios against a fresh relay server (and other servers with --against): "
-        "W1 fan-out sweep, W2 small room, W3 idle connections. Loopback only; see bench/load/README.md.")
-    p.add_argument("scenarios", nargs="*", metavar="SCENARIO", help="w1, w2, w3 or all (default: all)")
+        "W1 fan-out sweep, W2 small room, W3 idle connections, W4 keyed conflation (relay only). "
+        "Loopback only; see bench/load/README.md.")
+    p.add_argument("scenarios", nargs="*", metavar="SCENARIO", help="w1, w2, w3, w4 or all (default: all)")
     p.add_argument("--impl", choices=("compiled", "pure", "both"), default="compiled",
                    help="relay's fast path: compiled (Cython), pure (RELAY_PURE_PYTHON=1) or both (default compiled)")
     p.add_argument("--no-relay", action="store_true", help="measure only the --against/--peers servers")
@@ -58,6 +59,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--w2-subscribers", type=int, default=100, metavar="N")
     p.add_argument("--w2-rate", type=float, default=1000.0, metavar="R")
     p.add_argument("--w3-conns", type=int, default=10_000, metavar="N")
+    w4 = p.add_argument_group("W4 (keyed conflation)")
+    w4.add_argument("--w4-rate", type=float, metavar="R", help="feed rate in messages/s (default 10000)")
+    w4.add_argument("--w4-keys", type=int, metavar="N", help="symbols, round robin (default 500)")
+    w4.add_argument("--w4-fast", type=int, metavar="N", help="fast subscribers, C (default 20)")
+    w4.add_argument("--w4-slow", type=int, metavar="N", help="slow subscribers (default 1)")
+    w4.add_argument("--w4-slow-rate", type=float, metavar="R",
+                    help="messages/s a slow subscriber consumes (default 1000)")
+    w4.add_argument("--w4-send-queue", type=int, metavar="BYTES",
+                    help="the server's send_queue_size for W4 (default 65536)")
+    w4.add_argument("--w4-duration", type=float, metavar="S", help="measured seconds per variant (default 10)")
+    w4.add_argument("--w4-warmup", type=float, metavar="S", help="unmeasured seconds first (default 2)")
+    w4.add_argument("--w4-variants", metavar="V,V", help="keyed, channel, disconnect (default: all three)")
     p.add_argument("--server-cpus", default="0", metavar="LIST", help="taskset CPU list for the server (default 0)")
     p.add_argument("--load-cpus", metavar="LIST", help="taskset CPU list for the load generator (default: the others)")
     p.add_argument("--no-pin", action="store_true", help="do not pin anything with taskset")
@@ -78,7 +91,7 @@ def settings_from_args(a: argparse.Namespace, p: argparse.ArgumentParser) -> Set
             if n not in scen:
                 scen.append(n)
         else:
-            p.error(f"unknown scenario {n!r}; choose from w1, w2, w3, all")
+            p.error(f"unknown scenario {n!r}; choose from w1, w2, w3, w4, all")
     impls = [] if a.no_relay else (["compiled", "pure"] if a.impl == "both" else [a.impl])
     s = Settings(scenarios=scen, impls=impls, against=[], quick=a.quick, encoding=a.encoding,
                  payload_bytes=a.payload_bytes, server_cpus=a.server_cpus, drain=a.drain,
@@ -102,12 +115,28 @@ def settings_from_args(a: argparse.Namespace, p: argparse.ArgumentParser) -> Set
         s.w2_rate = 200.0 if a.w2_rate == 1000.0 else a.w2_rate
         s.w3_conns = 200 if a.w3_conns == 10_000 else a.w3_conns
         s.w3_settle = 0.3
+        # W4: a lighter feed, a slow subscriber far below it, the keyed variant only
+        s.w4_rate, s.w4_keys, s.w4_fast_subscribers, s.w4_slow_rate = 2000.0, 100, 5, 300.0
+        s.w4_warmup, s.w4_duration, s.w4_variants = 0.5, 2.0, ["keyed"]
     if a.warmup is not None:
         s.warmup = a.warmup
     if a.duration is not None:
         s.duration = a.duration
     if a.w2_duration is not None:
         s.w2_duration = a.w2_duration
+    for opt, name in (("w4_rate", "w4_rate"), ("w4_keys", "w4_keys"), ("w4_fast", "w4_fast_subscribers"),
+                      ("w4_slow", "w4_slow_subscribers"), ("w4_slow_rate", "w4_slow_rate"),
+                      ("w4_send_queue", "w4_send_queue"), ("w4_duration", "w4_duration"),
+                      ("w4_warmup", "w4_warmup")):
+        if getattr(a, opt) is not None:
+            setattr(s, name, getattr(a, opt))
+    if a.w4_variants:
+        from .conflation import VARIANTS
+
+        s.w4_variants = [v.strip() for v in a.w4_variants.split(",") if v.strip()]
+        bad = [v for v in s.w4_variants if v not in VARIANTS]
+        if bad or not s.w4_variants:
+            p.error(f"--w4-variants: choose from {', '.join(VARIANTS)}, not {a.w4_variants!r}")
     if a.rates:
         try:
             s.w1_rates = [float(x) for x in a.rates.split(",") if x.strip()]
@@ -124,8 +153,14 @@ def settings_from_args(a: argparse.Namespace, p: argparse.ArgumentParser) -> Set
     for name in ("w1_subscribers", "w2_subscribers", "w3_conns", "load_procs", "payload_bytes"):
         if getattr(s, name) < (0 if name == "payload_bytes" else 1):
             p.error(f"--{name.replace('_', '-')} is too small")
-    if any(r <= 0 or r > 1e6 for r in s.w1_rates) or not 0 < s.w2_rate <= 1e6:
+    if any(r <= 0 or r > 1e6 for r in s.w1_rates) or not 0 < s.w2_rate <= 1e6 or not 0 < s.w4_rate <= 1e6:
         p.error("rates must be > 0 and <= 1,000,000 messages/s")
+    if not 0 < s.w4_slow_rate <= 1e6 or not 0 < s.w4_duration <= 600 or not 0 <= s.w4_warmup <= 600:
+        p.error("--w4-slow-rate must be > 0; --w4-duration from 0 to 600 s (> 0), --w4-warmup 0 to 600 s")
+    if not 1 <= s.w4_keys <= 100_000 or s.w4_fast_subscribers < 1 or s.w4_slow_subscribers < 0:
+        p.error("--w4-keys from 1 to 100000; --w4-fast >= 1, --w4-slow >= 0")
+    if s.w4_send_queue < 1024:
+        p.error("--w4-send-queue must be at least 1024 bytes")
     return s
 
 

@@ -13,6 +13,7 @@ import os
 import select
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +81,7 @@ class Loaders:
     """``--load-procs`` cload subscriber processes sharing N connections."""
 
     def __init__(self, exe: Path, s: Settings, port: int, conns: int, first_seq: int, last_seq: int,
-                 max_seconds: float) -> None:
+                 max_seconds: float, extra_args: Sequence[str] = ()) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.readers: list[JsonLines] = []
         nprocs = max(1, min(s.load_procs, conns))
@@ -91,7 +92,8 @@ class Loaders:
                     "--conns", str(n), "--threads", str(max(1, min(s.load_threads, n))),
                     "--index-base", str(base), "--encoding", s.encoding, "--first-seq", str(first_seq),
                     "--last-seq", str(last_seq), "--duration", f"{max_seconds:.3f}", "--start", "stdin",
-                    "--hold", "--connect-timeout", str(max(60, conns // 50)), "--batch-us", f"{s.batch_us:g}"]
+                    "--hold", "--connect-timeout", str(max(60, conns // 50)), "--batch-us", f"{s.batch_us:g}",
+                    *extra_args]
             base += n
             p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
             self.procs.append(p)

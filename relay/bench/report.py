@@ -152,7 +152,9 @@ def render(report: dict[str, Any]) -> str:
         out.append("\nW3: idle subscribed connections, server VmRSS")
         out.append(_table(("server", "fastpath", "connected", "RSS before KiB", "RSS after KiB", "KiB/conn",
                            "srv µs/connect", "connect s", "result"), rows))
-    summ = report.get("summary", {})
+    if "w4" in sc:
+        out.extend(_render_w4(sc["w4"]))
+    summ = {srv: d for srv, d in report.get("summary", {}).items() if any(k[:2] in ("w1", "w2", "w3") for k in d)}
     if summ:
         out.append("\nSummary")
         rows = []
@@ -172,6 +174,56 @@ def render(report: dict[str, Any]) -> str:
                f"{report['settings']['server_cpus'] if report['settings']['pin'] else '(not pinned)'}, load on "
                f"{report['settings']['load_cpus'] if report['settings']['pin'] else '(not pinned)'}")
     return "\n".join(out)
+
+
+def _p99_ms(summary: dict[str, Any] | None) -> float | None:
+    p99 = (summary or {}).get("p99")
+    return None if p99 is None else p99 / 1e3
+
+
+def _render_w4(w4: dict[str, Any]) -> list[str]:
+    """The W4 table: one row per server and channel policy."""
+    rows: list[tuple[str, ...]] = []
+    notes: list[str] = []
+    first: dict[str, Any] | None = None
+    for srv, data in w4.items():
+        if data.get("skipped"):
+            notes.append(f"  -- {srv}: {data['skipped']}")
+            continue
+        for r in data.get("steps", []):
+            if r.get("error"):
+                notes.append(f"  !! {srv} {r.get('variant')}: {r['error']}")
+                continue
+            first = first or r
+            f, pr, sl = r["fast"], r["probe"], r["slow"]
+            pa, sa = pr.get("age_ms") or {}, sl.get("age_ms") or {}
+            closed = ",".join(str(c) for c in sl.get("close_codes", []) if c is not None) or "-"
+            rows.append((srv, r["variant"], f"{f['received']:,}/{f['expected']:,}",
+                         _f(_p99_ms(f.get("latency_us")), 1),
+                         _f(pa.get("p50"), 1), _f(pa.get("p99"), 1), _f(pa.get("max"), 1),
+                         _f(sl.get("received_per_s")), _pct(sl.get("conflated_share")),
+                         _f(sa.get("p50"), 1), _f(sa.get("p99"), 1), _f(sa.get("max"), 1),
+                         _pct(sl.get("missing_share")),
+                         f"{sl.get('symbols_at_final_min')}/{sl.get('symbols_total')}", closed,
+                         _f(r.get("server_cpu_us_per_delivery"), 2), _pct(r.get("server_cpu_utilization")),
+                         _pct(r.get("loadgen_cpu_utilization")), "ok" if r.get("pass") else "FAIL"))
+            for p in r.get("problems", []):
+                notes.append(f"  !! {srv} {r['variant']}: {p}")
+            for w in r.get("warnings", []):
+                notes.append(f"  ?? {srv} {r['variant']}: {w}")
+    out = []
+    if first is not None:
+        out.append(f"\nW4: keyed conflation. {first['rate']:g} msg/s over {first['keys']} symbols (each changes every "
+                   f"{first['symbol_update_interval_ms']:g} ms), {first['fast_subscribers']} fast subscribers (C) + 1 "
+                   f"fast probe, {first['slow_subscribers']} slow at {first['slow_rate']:g} msg/s, send queue "
+                   f"{first['send_queue_size']:,} B. age = sample time - send time of the newest value of a symbol the "
+                   f"client has seen, every {first['sample_ms']:g} ms over {first['duration_s']:g} s, in ms")
+        out.append(_table(("server", "policy", "fast got/sent", "fast p99 ms", "probe age p50", "p99", "max",
+                           "slow msg/s", "conflated", "slow age p50", "p99", "max", "no value",
+                           "slow at final", "closed", "srv µs/deliv", "srv CPU", "load CPU", "result"), rows))
+    elif notes:
+        out.append("\nW4: keyed conflation")
+    return out + notes
 
 
 def summarize(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -200,4 +252,16 @@ def summarize(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
         e["w2_server_us_per_delivery"] = r.get("server_cpu_us_per_delivery")
     for srv, r in sc.get("w3", {}).items():
         summ.setdefault(srv, {})["w3_kib_per_conn"] = r.get("kib_per_conn")
+    for srv, d in sc.get("w4", {}).items():
+        for r in d.get("steps", []):
+            if r.get("error"):
+                continue
+            e = summ.setdefault(srv, {})
+            v = r["variant"]
+            e[f"w4_{v}_fast_loss"] = r["fast"]["loss"]
+            e[f"w4_{v}_probe_age_p99_ms"] = (r["probe"].get("age_ms") or {}).get("p99")
+            e[f"w4_{v}_slow_age_p50_ms"] = (r["slow"].get("age_ms") or {}).get("p50")
+            e[f"w4_{v}_slow_age_p99_ms"] = (r["slow"].get("age_ms") or {}).get("p99")
+            e[f"w4_{v}_slow_received_per_s"] = r["slow"].get("received_per_s")
+            e[f"w4_{v}_pass"] = r.get("pass")
     return summ

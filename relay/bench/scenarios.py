@@ -1,4 +1,5 @@
-"""The scenarios W1-W3: one fan-out or idle measurement, its verdict, and the W1 sweep.
+"""The scenarios W1-W4: one fan-out or idle measurement, its verdict, and the W1 sweep (W4 lives in
+:mod:`relay.bench.conflation`).
 
 Owns what a run does (fresh server, loaders, publisher, CPU and memory before/after), the
 numbers derived from it, pass/fail with reasons, and the progress lines on stderr. It must
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .conflation import scenario_w4
 from .loaders import JsonLines, Loaders, _finish, _say, merge_sub_results
 from .procfs import (
     Jiffies,
@@ -373,4 +375,4 @@ def scenario_w3(exe: Path, spec: ServerSpec, s: Settings) -> dict[str, Any]:
     return r
 
 
-SCENARIOS = {"w1": scenario_w1, "w2": scenario_w2, "w3": scenario_w3}
+SCENARIOS = {"w1": scenario_w1, "w2": scenario_w2, "w3": scenario_w3, "w4": scenario_w4}

@@ -23,6 +23,12 @@ P99_LIMIT_US = 10_000.0
 W1_LADDER = (12.5, 25.0, 50.0, 100.0, 200.0, 400.0, 800.0, 1600.0)
 W1_REFERENCE_RATE = 100.0
 SATURATED_LOADGEN_SHARE = 0.9
+#: W4 (keyed conflation): a feed of W4_KEYS symbols at W4_RATE messages/s, and the channel
+#: policies it runs under, each with its own server: keyed conflation (the feature), then the
+#: baselines, per-channel conflation and disconnect.
+W4_RATE = 10_000.0
+W4_KEYS = 500
+W4_VARIANTS = ("keyed", "channel", "disconnect")
 LIBRARIES = ("trio", "trio-websocket", "wsproto", "h11", "msgpack", "websockets", "Cython")
 #: relay's per-client limits would stop the benchmark itself (one publisher sends 1,000+
 #: messages/s; every connection comes from 127.0.0.1), so its relay runs turn them off.
@@ -69,4 +75,15 @@ class Settings:
     w2_duration: float = 8.0
     w3_conns: int = 10_000
     w3_settle: float = 2.0
+    w4_rate: float = W4_RATE
+    w4_keys: int = W4_KEYS
+    w4_fast_subscribers: int = 20
+    w4_slow_subscribers: int = 1
+    w4_slow_rate: float = 1000.0
+    w4_slow_rcvbuf: int = 4096
+    w4_send_queue: int = 65536
+    w4_warmup: float = 2.0
+    w4_duration: float = 10.0
+    w4_sample_ms: float = 50.0
+    w4_variants: list[str] = field(default_factory=lambda: list(W4_VARIANTS))
     pin: bool = True
