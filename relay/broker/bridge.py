@@ -259,6 +259,8 @@ class Shard:
                 self.bridge.shard_up(self)
         finally:
             self.up = False
+            # (said before the awaits below: /readyz may ask meanwhile)
+            self.problem = lost[0] if lost else (self._failed or "connection closed")
             self._nursery = None
             if self.pipeline is not None:
                 self.pipeline.close(lost[0] if lost else "connection closed")
