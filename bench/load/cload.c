@@ -24,7 +24,9 @@
  *   cload pub --port P --rate R --count K [options]
  *       One connection; publishes K messages `{"t":T,"s":S,"p":"xx.."}` on an absolute
  *       schedule (message k is due at start + k/R; a late send does not shift later ones),
- *       `t` read just before each send. With --keys N the data also carries a key field
+ *       `t` read just before each send. Its result includes the most bytes it had sent that the
+ *       server had not yet read and acknowledged (SIOCOUTQ, every 64 messages and at the end):
+ *       a server that falls behind its publisher shows there first. With --keys N the data also carries a key field
  *       (--key-field, default "symbol") after `s`: "SYM000".."SYM<N-1>", round robin by
  *       sequence number (message S has key S mod N), for channels with conflate_key. Prints {"event":"result",...} with its pacing
  *       error, then lingers (answering pings) until "stop"/EOF on stdin or --linger S.
@@ -48,7 +50,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/sockios.h>
 #include <sys/epoll.h>
+#include <sys/ioctl.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -1581,10 +1585,15 @@ static int run_pub(void) {
     hist_t *lag = calloc(1, sizeof *lag);
     if (!lag) die("out of memory");
     int64_t sent = 0, sent_measured = 0, t_first = 0, t_last = 0, blocked = 0;
+    int64_t bytes_sent = 0;
+    int outq = 0, outq_max = 0, outq_end = -1; /* SIOCOUTQ: bytes the server has not yet acknowledged */
     const char *stopped = "done";
     for (int64_t k = 0; k < O.count; k++) {
         int64_t due = start + (int64_t)((double)k * interval);
-        if ((k & 63) == 0) pub_drain(&P);
+        if ((k & 63) == 0) {
+            pub_drain(&P);
+            if (ioctl(P.fd, SIOCOUTQ, &outq) == 0 && outq > outq_max) outq_max = outq;
+        }
         if (P.closed) { stopped = "closed"; break; }
         int64_t now = mono_ns();
         if (now < due) {
@@ -1651,6 +1660,7 @@ static int run_pub(void) {
             break;
         }
         sent++;
+        bytes_sent += (int64_t)fl;
         if (k >= O.measure_from) {
             hrec(lag, (uint64_t)(ts > due ? ts - due : 0));
             if (!sent_measured) t_first = ts;
@@ -1660,15 +1670,19 @@ static int run_pub(void) {
     }
     getrusage(RUSAGE_SELF, &ru1);
     pub_drain(&P);
+    if (ioctl(P.fd, SIOCOUTQ, &outq) == 0) {
+        outq_end = outq;
+        if (outq > outq_max) outq_max = outq;
+    }
     double span = (t_last - t_first) / 1e9;
     printf("{\"event\":\"result\",\"role\":\"pub\",\"version\":\"%s\",\"rate\":%.3f,\"count\":%" PRId64
            ",\"sent\":%" PRId64 ",\"sent_measured\":%" PRId64 ",\"stopped_by\":\"%s\",\"achieved_rate\":%.3f,"
            "\"start_ns\":%" PRId64 ",\"first_measured_ns\":%" PRId64 ",\"last_measured_ns\":%" PRId64
            ",\"send_blocked_s\":%.4f,\"pings\":%" PRIu64 ",\"error_messages\":%" PRIu64 ",\"close_code\":%d,"
-           "\"scheduling\":\"%s\",",
+           "\"scheduling\":\"%s\",\"unread_bytes_max\":%d,\"unread_bytes_end\":%d,\"bytes_sent\":%" PRId64 ",",
            CLOAD_VERSION, O.rate, O.count, sent, sent_measured, stopped,
            sent_measured > 1 && span > 0 ? (sent_measured - 1) / span : 0.0, start, t_first, t_last, blocked / 1e9,
-           P.pings, P.errors, P.close_code, g_pub_sched);
+           P.pings, P.errors, P.close_code, g_pub_sched, outq_max, outq_end, bytes_sent);
     hprint(stdout, "lag_us", lag);
     double user = tv_s(ru1.ru_utime) - tv_s(ru0.ru_utime), sys = tv_s(ru1.ru_stime) - tv_s(ru0.ru_stime);
     printf(",\"cpu\":{\"user_s\":%.4f,\"sys_s\":%.4f},\"errors\":[", user, sys);

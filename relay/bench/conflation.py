@@ -140,7 +140,8 @@ def run_keyed(exe: Path, spec: ServerSpec, s: Settings, variant: str) -> dict[st
         res.update(_numbers(s, sub, pres, kres, cpu0, cpu1, jif0, jif1, t1 - t0))
         res["publisher"] = {k: pres.get(k) for k in (
             "sent", "sent_measured", "achieved_rate", "lag_us", "send_blocked_s", "stopped_by", "errors",
-            "error_messages", "close_code", "cpu", "scheduling")}
+            "error_messages", "close_code", "cpu", "scheduling", "unread_bytes_max", "unread_bytes_end",
+            "bytes_sent")}
         res["loadgen"] = {k: sub.get(k) for k in ("threads", "reads", "frames", "bytes", "pings", "stopped_by",
                                                    "errors", "cpu")}
         return res
@@ -180,6 +181,7 @@ def _ms(summary: dict[str, Any] | None) -> dict[str, Any]:
 def _numbers(s: Settings, sub: dict[str, Any], pub: dict[str, Any], kres: dict[str, Any], cpu0: int | None,
              cpu1: int | None, jif0: Any, jif1: Any, window_ns: int) -> dict[str, Any]:
     wall = window_ns / 1e9
+    rate_ms = s.w4_rate / 1e3
     srv = (cpu1 - cpu0) if cpu0 is not None and cpu1 is not None else None
     probe, slow = kres.get("probe", {}), kres.get("slow", {})
     probe_c = (probe.get("per_client") or [{}])[0]
@@ -222,6 +224,7 @@ def _numbers(s: Settings, sub: dict[str, Any], pub: dict[str, Any], kres: dict[s
             "published_per_client_window": published_window,
             "conflated_share": round(1 - slow_received / slow_expected, 4) if slow_expected else None,
             "age_ms": _ms(slow.get("age_us")), "latency_ms": _ms(slow.get("latency_us")),
+            "outdated_ms": _ms(slow.get("outdated_us")), "current_share": slow.get("current_share"),
             "missing_share": slow.get("missing_share"),
             "stale_after_fresh": sum(c.get("stale_after_fresh", 0) for c in slow_cs),
             "offset_backwards": sum(c.get("offset_backwards", 0) for c in slow_cs),
@@ -250,6 +253,10 @@ def _numbers(s: Settings, sub: dict[str, Any], pub: dict[str, Any], kres: dict[s
         "load_cores_time": cpu_breakdown(jif0, jif1, load_cpus),
         "window_s": round(wall, 3),
         "publisher_achieved_rate": pub.get("achieved_rate"),
+        # publishes the server had not read yet, at most (SIOCOUTQ on the publisher's socket), in
+        # ms of the feed: the server's own backlog, which every subscriber's latency includes
+        "server_intake_backlog_ms_max": round(pub["unread_bytes_max"] / (pub["bytes_sent"] / pub["sent"]) / rate_ms, 1)
+        if pub.get("bytes_sent") and pub.get("sent") and pub.get("unread_bytes_max") is not None else None,
         "publisher_sent_all": pub.get("stopped_by") == "done",
         "publisher_lag_us": pub.get("lag_us"),
         "publisher_errors": pub.get("errors"),
@@ -306,6 +313,10 @@ def judge_keyed(r: dict[str, Any], quick: bool) -> None:
         warn.append(f"load generator at {r['loadgen_cpu_utilization']:.0%} of its cores: numbers include its queueing")
     if not quick and (r.get("publisher_achieved_rate") or 0) < 0.95 * r["rate"]:
         warn.append(f"publisher reached {r.get('publisher_achieved_rate')} of {r['rate']:g} msg/s")
+    backlog = r.get("server_intake_backlog_ms_max")
+    if backlog is not None and backlog > 100:
+        warn.append(f"the server fell behind its publisher: up to {backlog:,.0f} ms of publishes unread; "
+                    "every latency and age includes that")
     other = (r.get("other_processes_cpu") or {}).get("cores")
     if other is not None and other > 0.1:
         warn.append(f"other processes used {other:.2f} cores during the run: {r['other_processes_cpu'].get('top')}")

@@ -22,7 +22,11 @@ symbol, ``age = now - t`` of the newest value of that symbol the client has seen
 publisher's send time). A symbol the client has no value for counts as ``missing``. With
 ``K`` symbols published round robin at ``R`` messages/s, each symbol changes every ``K/R``
 seconds, so even a client that sees every update at once has ages spread evenly over
-``[latency, K/R + latency]``: that is the floor the probes measure.
+``[latency, K/R + latency]``: that is the floor the probes measure. For the slow clients,
+each sample also gives ``outdated = now - t`` of the first update of that symbol newer than
+the value the client holds, as far as the (first) probe has received it; 0 when the client
+holds the newest value the probe has (``current``). That is how long its value has been
+superseded; with round robin it is about ``age - K/R``.
 
 Protocol: prints ``{"event":"ready",...}`` once every client is subscribed (or failed), then
 waits for ``go WINDOW_START_NS WINDOW_END_NS PUBLISH_END_NS DEADLINE_NS LAST_SEQ`` on stdin,
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import bisect
 import json
 import math
 import os
@@ -121,7 +126,14 @@ class Client:
         self.pings = 0
         self.latency_ns: list[int] = []  # consume time - t, within the window
         self.ages_ns: list[int] = []
+        self.outdated_ns: list[int] = []
+        self.current = 0
         self.missing = 0
+        # a probe keeps every update it sees, per symbol, to tell when a slow client's value
+        # was superseded
+        self.keep_history = role == "probe"
+        self.hist_s: dict[str, list[int]] = {}
+        self.hist_t: dict[str, list[int]] = {}
         self.samples = 0
         self.send(self.encode({"type": "subscribe", "channel": channel, "ref": 1}), 1 if encoding == "json" else 2)
 
@@ -280,19 +292,33 @@ class Client:
             return
         self.newest_s[key] = s
         self.newest_t[key] = t
+        if self.keep_history:
+            self.hist_s.setdefault(key, []).append(s)
+            self.hist_t.setdefault(key, []).append(t)
         if window[0] <= now < window[1]:
             self.received_window += 1
             self.latency_ns.append(now - t)
 
-    def sample(self, now: int, symbols: list[str]) -> None:
+    def sample(self, now: int, symbols: list[str], reference: Client | None) -> None:
         self.samples += 1
         newest = self.newest_t
         for k in symbols:
             t = newest.get(k)
             if t is None:
                 self.missing += 1
+                continue
+            self.ages_ns.append(now - t)
+            if reference is None or reference is self:
+                continue
+            # outdated for: since the send of the first update of k newer than the value
+            # this client holds (as far as the reference probe has seen); 0 when current
+            hs = reference.hist_s.get(k, [])
+            i = bisect.bisect_right(hs, self.newest_s[k])
+            if i < len(hs):
+                self.outdated_ns.append(max(0, now - reference.hist_t[k][i]))
             else:
-                self.ages_ns.append(now - t)
+                self.outdated_ns.append(0)
+                self.current += 1
 
     def done(self) -> bool:
         return self.closed_code is not None or self.eof
@@ -313,16 +339,22 @@ class Client:
             "missing_share": round(self.missing / (self.missing + len(self.ages_ns)), 4)
             if self.missing + len(self.ages_ns) else None,
             "age_us": percentiles(self.ages_ns), "latency_us": percentiles(self.latency_ns),
+            "outdated_us": percentiles(self.outdated_ns),
+            "current_share": round(self.current / len(self.outdated_ns), 4) if self.outdated_ns else None,
         }
 
 
 def _combined(clients: list[Client], finals: dict[str, int], window_s: float) -> dict[str, Any]:
     ages = [a for c in clients for a in c.ages_ns]
     lat = [x for c in clients for x in c.latency_ns]
+    outdated = [x for c in clients for x in c.outdated_ns]
+    current = sum(c.current for c in clients)
     missing = sum(c.missing for c in clients)
     return {
         "clients": len(clients),
         "age_us": percentiles(ages),
+        "outdated_us": percentiles(outdated),
+        "current_share": round(current / len(outdated), 4) if outdated else None,
         "latency_us": percentiles(lat),
         "missing_share": round(missing / (missing + len(ages)), 4) if missing + len(ages) else None,
         "per_client": [c.summary(finals, window_s) for c in clients],
@@ -442,12 +474,13 @@ def main(argv: list[str] | None = None) -> int:
             for c in probes:  # what has arrived counts for a probe
                 while c.fill(PROBE_READ_BYTES):
                     pass
+                now = time.monotonic_ns()
                 while c.consume_one(now, window, a.key_field) is not None:
                     pass
             now = time.monotonic_ns()
             lag_ns.append(now - next_sample)
             for c in clients:
-                c.sample(now, symbols)
+                c.sample(now, symbols, probes[0] if probes else None)
             next_sample += sample_every
             while next_sample <= now:  # skip samples that were missed altogether
                 next_sample += sample_every

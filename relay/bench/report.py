@@ -203,9 +203,11 @@ def _render_w4(w4: dict[str, Any]) -> list[str]:
                          _f(pa.get("p50"), 1), _f(pa.get("p99"), 1), _f(pa.get("max"), 1),
                          _f(sl.get("received_per_s")), _pct(sl.get("conflated_share")),
                          _f(sa.get("p50"), 1), _f(sa.get("p99"), 1), _f(sa.get("max"), 1),
+                         _f((sl.get("outdated_ms") or {}).get("p99"), 1),
                          _pct(sl.get("missing_share")),
                          f"{sl.get('symbols_at_final_min')}/{sl.get('symbols_total')}", closed,
                          _f(r.get("server_cpu_us_per_delivery"), 2), _pct(r.get("server_cpu_utilization")),
+                         _f(r.get("server_intake_backlog_ms_max"), 1),
                          _pct(r.get("loadgen_cpu_utilization")), "ok" if r.get("pass") else "FAIL"))
             for p in r.get("problems", []):
                 notes.append(f"  !! {srv} {r['variant']}: {p}")
@@ -217,10 +219,13 @@ def _render_w4(w4: dict[str, Any]) -> list[str]:
                    f"{first['symbol_update_interval_ms']:g} ms), {first['fast_subscribers']} fast subscribers (C) + 1 "
                    f"fast probe, {first['slow_subscribers']} slow at {first['slow_rate']:g} msg/s, send queue "
                    f"{first['send_queue_size']:,} B. age = sample time - send time of the newest value of a symbol the "
-                   f"client has seen, every {first['sample_ms']:g} ms over {first['duration_s']:g} s, in ms")
+                   f"client has seen, every {first['sample_ms']:g} ms over {first['duration_s']:g} s, in ms; outdated: "
+                   f"sample time - send time of the first update newer than the slow client's value (0 when "
+                   f"current); srv behind: most publishes the server had not read yet, in ms of the feed")
         out.append(_table(("server", "policy", "fast got/sent", "fast p99 ms", "probe age p50", "p99", "max",
-                           "slow msg/s", "conflated", "slow age p50", "p99", "max", "no value",
-                           "slow at final", "closed", "srv µs/deliv", "srv CPU", "load CPU", "result"), rows))
+                           "slow msg/s", "conflated", "slow age p50", "p99", "max", "outdated p99", "no value",
+                           "slow at final", "closed", "srv µs/deliv", "srv CPU", "srv behind ms", "load CPU",
+                           "result"), rows))
     elif notes:
         out.append("\nW4: keyed conflation")
     return out + notes
