@@ -123,7 +123,7 @@ async def test_live_messages_arriving_during_recovery_are_neither_lost_nor_repea
                     while not stop.is_set():
                         await pub.send({"type": "publish", "channel": "busy", "data": i})
                         i += 1
-                        await trio.sleep(0.001)
+                        await trio.sleep(0.002)
 
                 watched: list[int] = []
 
@@ -136,7 +136,8 @@ async def test_live_messages_arriving_during_recovery_are_neither_lost_nor_repea
                     nursery.start_soon(watch)
                     for round_ in range(6):
                         await trio.sleep(0.05)
-                        since = 1 + round_ * 3
+                        # recover the last ~30 while the publisher goes on (bounded work per round)
+                        since = max(1, (watched[-1] if watched else 1) - 30)
                         async with client(a, "msgpack" if round_ % 2 else "json") as joiner:
                             answer = await joiner.subscribe(
                                 "busy", since={"epoch": start["epoch"], "offset": since})
