@@ -289,12 +289,10 @@ class Shard:
         pipeline, pubsub = self.pipeline, self.pubsub
         while True:
             await trio.sleep(PING_EVERY_SECONDS)
-            pongs = pubsub.pongs
-            pubsub.ping()
+            pong = pubsub.ping()
             with trio.move_on_after(PING_TIMEOUT_SECONDS) as scope:
                 await pipeline.call("PING")
-                while pubsub.pongs == pongs:
-                    await trio.sleep(0.01)
+                await pong.wait()
             if scope.cancelled_caught:
                 raise ConnectionLost(f"no answer to PING within {PING_TIMEOUT_SECONDS:g}s")
 

@@ -321,6 +321,7 @@ class PubSub:
         self.on_message = on_message
         self.sharded = sharded
         self.pongs = 0
+        self._pong = trio.Event()
         self._writer = _Writer()
         self._acks: dict[bytes, deque[trio.Event]] = {}
 
@@ -338,8 +339,12 @@ class PubSub:
         command: tuple[Any, ...] = ("SUNSUBSCRIBE" if self.sharded else "UNSUBSCRIBE", *keys)
         self._writer.push(hiredis.pack_command(command))
 
-    def ping(self) -> None:
+    def ping(self) -> trio.Event:
+        """Send PING; the event is set when its answer (or any later pong) arrives."""
+        if self._pong.is_set():
+            self._pong = trio.Event()
         self._writer.push(hiredis.pack_command(("PING",)))
+        return self._pong
 
     async def run(self) -> None:
         """Write and read until the connection is lost (raises :class:`ConnectionLost`)."""
@@ -362,5 +367,6 @@ class PubSub:
                     # unsubscribe confirmations need nothing
                 elif isinstance(reply, list) and reply and reply[0] == b"pong" or reply == b"PONG":
                     self.pongs += 1
+                    self._pong.set()
                 elif isinstance(reply, hiredis.ReplyError):
                     raise ConnectionLost(f"pub/sub error: {reply}")
