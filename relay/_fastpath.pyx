@@ -249,6 +249,124 @@ def encode_frame(opcode, payload):
 
 
 # ---------------------------------------------------------------------------
+# batches (ticks)
+
+
+cdef Py_ssize_t _payload_start(bytes frame, long long opcode) noexcept:
+    """Where the payload starts when ``frame`` is exactly one final, unmasked frame
+    with ``opcode`` (no extension bits), else -1."""
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(frame)
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(frame)
+    cdef unsigned long long length = 0
+    cdef int i
+    if n < 2 or p[0] != (0x80 | opcode) or (p[1] & 0x80):
+        return -1
+    if p[1] < 126:
+        return 2 if n == 2 + p[1] else -1
+    if p[1] == 126:
+        if n < 4:
+            return -1
+        length = (<unsigned long long>p[2] << 8) | p[3]
+        return 4 if <unsigned long long>(n - 4) == length else -1
+    if n < 10:
+        return -1
+    for i in range(8):
+        length = (length << 8) | p[2 + i]
+    return 10 if <unsigned long long>(n - 10) == length else -1
+
+
+cdef bytes _build_batch(long long opcode, list frames):
+    """encode_batch() for frames already checked by _payload_start()."""
+    cdef Py_ssize_t count = PyList_GET_SIZE(frames)
+    cdef Py_ssize_t i, start, plen, total = 0, head, h, pos
+    cdef bytes frame, out
+    cdef char* p
+    cdef unsigned char* u
+    for i in range(count):
+        frame = <bytes>PyList_GET_ITEM(frames, i)
+        total += PyBytes_GET_SIZE(frame) - _payload_start(frame, opcode)
+    if opcode == 0x1:
+        head = 1
+        total += 2 + (count - 1 if count else 0)
+    else:
+        head = 1 if count < 16 else (3 if count < 0x10000 else 5)
+        total += head
+    h = _header_size(<unsigned long long>total)
+    out = PyBytes_FromStringAndSize(NULL, h + total)
+    p = PyBytes_AS_STRING(out)
+    u = <unsigned char*>p
+    _write_header(p, opcode, <unsigned long long>total)
+    pos = h
+    if opcode == 0x1:
+        p[pos] = b'['
+        pos += 1
+    elif count < 16:
+        u[pos] = <unsigned char>(0x90 | count)
+        pos += 1
+    elif count < 0x10000:
+        u[pos] = 0xdc
+        u[pos + 1] = <unsigned char>(count >> 8)
+        u[pos + 2] = <unsigned char>count
+        pos += 3
+    else:
+        u[pos] = 0xdd
+        u[pos + 1] = <unsigned char>(count >> 24)
+        u[pos + 2] = <unsigned char>(count >> 16)
+        u[pos + 3] = <unsigned char>(count >> 8)
+        u[pos + 4] = <unsigned char>count
+        pos += 5
+    for i in range(count):
+        frame = <bytes>PyList_GET_ITEM(frames, i)
+        start = _payload_start(frame, opcode)
+        plen = PyBytes_GET_SIZE(frame) - start
+        if opcode == 0x1 and i:
+            p[pos] = b','
+            pos += 1
+        memcpy(p + pos, PyBytes_AS_STRING(frame) + start, <size_t>plen)
+        pos += plen
+    if opcode == 0x1:
+        p[pos] = b']'
+    return out
+
+
+def encode_batch(encoding, frames):
+    """Return one frame whose payload is the array of the payloads of ``frames``.
+
+    The payloads are already-encoded messages: for ``ENC_JSON`` the result is a text
+    frame ``[p1,p2,...]``, for ``ENC_MSGPACK`` a binary frame holding a MessagePack
+    array header followed by the payloads. Nothing is decoded or re-encoded.
+
+    Args:
+        encoding: ``ENC_JSON`` or ``ENC_MSGPACK``.
+        frames: frames as built by :func:`encode_frame`: each exactly one final,
+            unmasked text (JSON) or binary (MessagePack) frame.
+
+    Raises:
+        ValueError: the encoding is unknown, or a frame is not one complete frame of
+            the encoding's opcode.
+        TypeError: ``frames`` is not a list, or one of them is not bytes.
+    """
+    cdef long long opcode
+    cdef Py_ssize_t i
+    cdef object frame
+    if encoding == ENC_JSON:
+        opcode, kind = 0x1, "text"
+    elif encoding == ENC_MSGPACK:
+        opcode, kind = _OP_BINARY, "binary"
+    else:
+        raise ValueError(f"unknown encoding {encoding}")
+    if not isinstance(frames, list):
+        raise TypeError(f"frames must be a list, not {type(frames).__name__}")
+    for i in range(PyList_GET_SIZE(frames)):
+        frame = <object>PyList_GET_ITEM(frames, i)
+        if not PyBytes_CheckExact(frame):
+            raise TypeError(f"frame {i} must be bytes, not {type(frame).__name__}")
+        if _payload_start(frame, opcode) < 0:
+            raise ValueError(f"frame {i} is not one complete, final, unmasked {kind} frame")
+    return _build_batch(opcode, frames)
+
+
+# ---------------------------------------------------------------------------
 # outbox
 
 
@@ -283,6 +401,10 @@ A connection's bounded queue of encoded frames, drained by its writer task.
     cdef Py_ssize_t _holds
     cdef bint _dirty
     cdef bytes _rest            # what a direct send could not write; first in line
+    cdef bint _batched          # start_batching() was called (ticks)
+    cdef Py_ssize_t _plain      # frames at the head queued before batching began
+    cdef dict _slots            # "latest" key -> index in _frames of its newest frame
+    cdef public Py_ssize_t superseded
 
     def __cinit__(self):
         # Containers exist before __init__ runs, so no method ever sees None.
@@ -290,6 +412,7 @@ A connection's bounded queue of encoded frames, drained by its writer task.
         self._conflated = {}
         self._gaps = {}
         self._rest = b""
+        self._slots = {}
 
     def __init__(self, limit, encoding=ENC_JSON, owner=None):
         if limit <= 0:
@@ -311,6 +434,10 @@ A connection's bounded queue of encoded frames, drained by its writer task.
         self.fd = -1
         self._holds = 0
         self._dirty = False
+        self._batched = False
+        self._plain = 0
+        self._slots = {}
+        self.superseded = 0
 
     @property
     def holds(self):
@@ -364,6 +491,27 @@ A connection's bounded queue of encoded frames, drained by its writer task.
         return self._closed
 
     @property
+    def batched(self):
+        """True once :meth:`start_batching` was called."""
+        return self._batched
+
+    def start_batching(self):
+        """Send data frames in batches from now on (ticks); cannot be undone.
+
+        :meth:`take` then returns each run of data frames (complete, final, unmasked
+        frames of this encoding's opcode, as ``bytes``) as one frame whose payload is an
+        array of theirs (:func:`encode_batch`); anything else (control frames such as
+        pings) leaves as it is, in order, between runs. Frames queued before this call
+        leave as they are. Offers and puts with a "latest" key keep only the newest frame
+        of that key per batch. The outbox never joins a dirty list again: :func:`flush`
+        skips it, and whoever drives the ticks writes it (:func:`flush_tick`).
+        """
+        if not self._batched:
+            self._batched = True
+            self._plain = PyList_GET_SIZE(self._frames)
+            self._dirty = True
+
+    @property
     def pending(self):
         """True when :meth:`take` or :meth:`take_gaps` has something to return."""
         return self._pending()
@@ -374,17 +522,33 @@ A connection's bounded queue of encoded frames, drained by its writer task.
                 or len(self._conflated) != 0
                 or len(self._gaps) != 0)
 
-    def put(self, frame):
-        """Queue a control or direct-answer frame; never dropped, ignored once closed."""
+    def put(self, frame, latest=None):
+        """Queue a control or direct-answer frame; never dropped, ignored once closed.
+
+        Args:
+            frame: the encoded frame.
+            latest: on a batched outbox, a key (a state channel's name) whose older
+                frame still waiting for the batch, or held conflated value, this frame
+                replaces. Ignored when None or when the outbox is not batched.
+        """
         cdef Py_ssize_t n
         if self._closed:
             return
+        if latest is not None and self._batched:
+            i = self._slots.get(latest)
+            if i is not None:
+                self._supersede(i)
+            held = self._conflated.pop(latest, None)
+            if held is not None:
+                self._size -= len(held)
+                self.superseded += 1
+            self._slots[latest] = PyList_GET_SIZE(self._frames)
         self._frames.append(frame)
         n = PyBytes_GET_SIZE(frame) if PyBytes_CheckExact(frame) else len(frame)
         self._size += n
         self.queued += 1
 
-    def offer(self, key, frame, policy, offset):
+    def offer(self, key, frame, policy, offset, latest=False):
         """Queue a channel frame, or apply ``policy`` when it does not fit.
 
         Args:
@@ -392,33 +556,59 @@ A connection's bounded queue of encoded frames, drained by its writer task.
             frame: the encoded frame (shared between subscribers; not copied).
             policy: ``POLICY_DISCONNECT``, ``POLICY_DROP`` or ``POLICY_CONFLATE``.
             offset: the message's channel offset, for ``gap`` ranges.
+            latest: on a batched outbox (ticks), keep only the newest frame of ``key``
+                in a batch: an older one still waiting is taken out (a state channel).
+                The policy's size check counts the bytes that removal frees.
 
         Returns:
             One of the ``OFFER_*`` constants. On ``OFFER_OVERFLOW`` the outbox is
             closed and emptied; the caller must close the connection (4002).
         """
         cdef int code = _POL_UNDECODED
-        return self._offer(key, frame, policy, &code, offset)
+        return self._offer(key, frame, policy, &code, offset, latest)
+
+    cdef int _supersede(self, Py_ssize_t i) except -1:
+        """Take the frame at index ``i`` out of the batch (a newer one of its key came)."""
+        old = self._frames[i]
+        self._frames[i] = None
+        self._size -= PyBytes_GET_SIZE(old) if PyBytes_CheckExact(old) else len(old)
+        self.superseded += 1
+        return 0
 
     cdef int _offer(self, object key, object frame, object policy, int* code,
-                    object offset) except -1:
+                    object offset, object latest) except -1:
         """offer(); ``code`` caches the decoded policy across calls (fanout)."""
         cdef Py_ssize_t n
+        cdef Py_ssize_t slot = -1
+        cdef Py_ssize_t freed = 0
         cdef object held
+        cdef object found
         cdef list gap
         if self._closed:
             return _RES_CLOSED
         n = PyBytes_GET_SIZE(frame) if PyBytes_CheckExact(frame) else len(frame)
+        if latest and self._batched:
+            found = self._slots.get(key)
+            if found is not None:
+                slot = found
+                held = self._frames[slot]
+                freed = PyBytes_GET_SIZE(held) if PyBytes_CheckExact(held) else len(held)
         if code[0] == _POL_UNDECODED:
             code[0] = _policy_code(policy)
         if code[0] == _POL_CONFLATE:
             held = self._conflated.get(key)
             if held is not None:
+                if slot >= 0:
+                    self._supersede(slot)
+                    del self._slots[key]
                 self._size += n - len(held)
                 self._conflated[key] = frame
                 self.conflated += 1
                 return _RES_CONFLATED
-            if self._size + n > self._limit:
+            if self._size - freed + n > self._limit:
+                if slot >= 0:
+                    self._supersede(slot)
+                    del self._slots[key]
                 self._conflated[key] = frame
                 self._size += n
                 self.conflated += 1
@@ -429,23 +619,34 @@ A connection's bounded queue of encoded frames, drained by its writer task.
                 gap[1] = offset
                 self.dropped += 1
                 return _RES_DROPPED
-            if self._size + n > self._limit:
+            if self._size - freed + n > self._limit:
                 self._gaps[key] = [offset, offset]
                 self.dropped += 1
                 return _RES_DROPPED
         elif code[0] == _POL_DISCONNECT:
-            if self._size + n > self._limit:
+            if self._size - freed + n > self._limit:
                 self.close()
                 return _RES_OVERFLOW
         else:
             raise ValueError(f"unknown slow-consumer policy {policy}")
+        if slot >= 0:
+            self._supersede(slot)
+        if latest and self._batched:
+            self._slots[key] = PyList_GET_SIZE(self._frames)
         self._frames.append(frame)
         self._size += n
         self.queued += 1
         return _RES_QUEUED
 
     def take(self):
-        """Return every queued frame, then every held conflated value, and empty them."""
+        """Return the rest of a direct send, every queued frame, then every held conflated
+        value, and empty them.
+
+        On a batched outbox (:meth:`start_batching`) each run of data frames among them
+        leaves as one batch frame (:func:`encode_batch`).
+        """
+        if self._batched:
+            return self._take_batch()
         cdef list frames = self._frames
         if self._conflated:
             frames.extend(self._conflated.values())
@@ -461,6 +662,46 @@ A connection's bounded queue of encoded frames, drained by its writer task.
         if PyList_GET_SIZE(frames) == 1:
             return frames[0]
         return b"".join(frames)
+
+    cdef object _take_batch(self):
+        cdef list frames = self._frames
+        cdef Py_ssize_t plain = self._plain
+        cdef Py_ssize_t i, n
+        cdef list out
+        cdef list run = []
+        cdef long long opcode = _OP_BINARY if self.encoding == ENC_MSGPACK else 0x1
+        cdef object frame
+        if self._conflated:
+            frames.extend(self._conflated.values())
+            self._conflated = {}
+        self._frames = []
+        self._slots = {}
+        self._plain = 0
+        self._size = 0
+        rest = self._rest
+        self._rest = b""
+        out = [rest] if PyBytes_GET_SIZE(rest) else []
+        n = PyList_GET_SIZE(frames)
+        for i in range(plain):
+            out.append(<object>PyList_GET_ITEM(frames, i))
+        for i in range(plain, n):
+            frame = <object>PyList_GET_ITEM(frames, i)
+            if frame is None:
+                continue  # superseded by a newer frame of its key
+            if PyBytes_CheckExact(frame) and _payload_start(frame, opcode) >= 0:
+                run.append(frame)
+                continue
+            if PyList_GET_SIZE(run):
+                out.append(_build_batch(opcode, run))
+                run = []
+            out.append(frame)
+        if PyList_GET_SIZE(run):
+            out.append(_build_batch(opcode, run))
+        if not out:
+            return b""
+        if PyList_GET_SIZE(out) == 1:
+            return out[0]
+        return b"".join(out)
 
     def take_rest(self):
         """Return (and forget) what a direct send could not write."""
@@ -483,6 +724,8 @@ A connection's bounded queue of encoded frames, drained by its writer task.
         self._frames = []
         self._conflated = {}
         self._gaps = {}
+        self._slots = {}
+        self._plain = 0
         self._size = PyBytes_GET_SIZE(self._rest)
 
 
@@ -577,12 +820,14 @@ cdef list _frames_by_encoding(Members members, frames):
     return by_encoding
 
 
-def fanout_into(Members members not None, frames, key, policy, offset, list dirty not None):
+def fanout_into(Members members not None, frames, key, policy, offset, list dirty not None,
+                latest=False):
     """Offer one message to every member and mark each touched outbox dirty.
 
     Like :func:`fanout`, but instead of returning the owners to wake, appends every
     outbox that accepted something to ``dirty`` (once: see :meth:`Outbox.mark_dirty`),
-    for :func:`flush` to write at the end of the batch.
+    for :func:`flush` to write at the end of the batch. Batched outboxes never join
+    ``dirty`` (their tick writes them); ``latest`` is passed to :meth:`Outbox.offer`.
 
     Returns:
         The owners whose outbox overflowed under ``POLICY_DISCONNECT`` (close 4002).
@@ -604,7 +849,7 @@ def fanout_into(Members members not None, frames, key, policy, offset, list dirt
         frame = <object>PyList_GET_ITEM(by_encoding, box.encoding)
         if frame is None:
             raise ValueError(f"no frame for encoding {box.encoding}")
-        result = box._offer(key, frame, policy, &code, offset)
+        result = box._offer(key, frame, policy, &code, offset, latest)
         if result == _RES_OVERFLOW:
             overflowed.append(box.owner)
         elif result != _RES_CLOSED and not box._dirty:
@@ -618,7 +863,8 @@ def flush(list dirty not None, list by_encoding=None):
 
     An outbox is written directly only when it has a socket (``fd >= 0``), no
     :meth:`~Outbox.hold` and no pending gap (gap frames are encoded by the caller).
-    What the kernel does not take stays queued, first in line.
+    What the kernel does not take stays queued, first in line. A batched outbox
+    (:meth:`Outbox.start_batching`) is skipped: its tick writes it (:func:`flush_tick`).
 
     Args:
         dirty: the outboxes to write.
@@ -635,29 +881,60 @@ def flush(list dirty not None, list by_encoding=None):
     cdef int e
     for e in range(N_ENCODINGS_C):
         per_encoding[e] = 0
-    cdef Py_ssize_t i, n, length
+    cdef Py_ssize_t i
     cdef Outbox box
-    cdef bytes data
     for i in range(PyList_GET_SIZE(dirty)):
         box = <Outbox?>PyList_GET_ITEM(dirty, i)
+        if box._batched:
+            continue  # it stays "dirty" for good, so it never joins a dirty list again
         box._dirty = False
-        if not box._pending():
-            continue
-        if box.fd < 0 or box._holds or len(box._gaps) != 0:
-            wake.append(box.owner)
-            continue
-        data = box.take()
-        length = PyBytes_GET_SIZE(data)
-        n = send(box.fd, PyBytes_AS_STRING(data), <size_t>length, MSG_DONTWAIT | MSG_NOSIGNAL)
-        if n < 0:
-            n = 0  # EAGAIN: the socket is full; other errors: the writer meets them too
-        total += n
-        per_encoding[box.encoding] += n
-        if n < length:
-            box._rest = PyBytes_FromStringAndSize(PyBytes_AS_STRING(data) + n, length - n)
-            box._size = length - n
-            wake.append(box.owner)
+        total += _write_direct(box, wake, per_encoding)
     del dirty[:]
+    if by_encoding is not None:
+        for e in range(N_ENCODINGS_C):
+            by_encoding[e] += per_encoding[e]
+    return wake, total
+
+
+cdef Py_ssize_t _write_direct(Outbox box, list wake, long long* per_encoding) except -1:
+    """Write what ``box`` holds with one non-blocking send; return the bytes written."""
+    cdef Py_ssize_t n, length
+    cdef bytes data
+    if not box._pending():
+        return 0
+    if box.fd < 0 or box._holds or len(box._gaps) != 0:
+        wake.append(box.owner)
+        return 0
+    data = box.take()
+    length = PyBytes_GET_SIZE(data)
+    n = send(box.fd, PyBytes_AS_STRING(data), <size_t>length, MSG_DONTWAIT | MSG_NOSIGNAL)
+    if n < 0:
+        n = 0  # EAGAIN: the socket is full; other errors: the writer meets them too
+    per_encoding[box.encoding] += n
+    if n < length:
+        box._rest = PyBytes_FromStringAndSize(PyBytes_AS_STRING(data) + n, length - n)
+        box._size = length - n
+        wake.append(box.owner)
+    return n
+
+
+def flush_tick(Members members not None, list by_encoding=None):
+    """Write every outbox of ``members`` that has something pending, like :func:`flush`.
+
+    Called once per tick for the outboxes on that tick: a batched outbox's queue leaves
+    as batch frames (:meth:`Outbox.take`). Same conditions and results as :func:`flush`;
+    ``members`` is left as it is.
+    """
+    cdef list wake = []
+    cdef long long total = 0
+    cdef long long per_encoding[N_ENCODINGS_C]
+    cdef int e
+    cdef Py_ssize_t i
+    cdef list items = list(members._items)
+    for e in range(N_ENCODINGS_C):
+        per_encoding[e] = 0
+    for i in range(PyList_GET_SIZE(items)):
+        total += _write_direct(<Outbox>PyList_GET_ITEM(items, i), wake, per_encoding)
     if by_encoding is not None:
         for e in range(N_ENCODINGS_C):
             by_encoding[e] += per_encoding[e]
@@ -703,7 +980,7 @@ def fanout(Members members not None, frames, key, policy, offset):
             # another encoding after add(); the twin raises the same there.
             raise ValueError(f"no frame for encoding {box.encoding}")
         was_pending = box._pending()
-        result = box._offer(key, frame, policy, &code, offset)
+        result = box._offer(key, frame, policy, &code, offset, False)
         if result == _RES_OVERFLOW:
             overflowed.append(box.owner)
         elif not was_pending and result != _RES_CLOSED:

@@ -88,6 +88,69 @@ def encode_frame(opcode: int, payload: bytes) -> bytes:
     return frame_header(opcode, len(payload)) + payload
 
 
+def _payload_start(frame: bytes, opcode: int) -> int:
+    """Return where the payload of ``frame`` starts when ``frame`` is exactly one final,
+    unmasked frame with ``opcode`` (no extension bits), else -1."""
+    n = len(frame)
+    if n < 2 or frame[0] != 0x80 | opcode:
+        return -1
+    second = frame[1]
+    if second & 0x80:
+        return -1
+    if second < 126:
+        return 2 if n == 2 + second else -1
+    if second == 126:
+        return 4 if n >= 4 and n == 4 + int.from_bytes(frame[2:4], "big") else -1
+    return 10 if n >= 10 and n == 10 + int.from_bytes(frame[2:10], "big") else -1
+
+
+def encode_batch(encoding: int, frames: list[bytes]) -> bytes:
+    """Return one frame whose payload is the array of the payloads of ``frames``.
+
+    The payloads are already-encoded messages: for ``ENC_JSON`` the result is a text
+    frame ``[p1,p2,...]``, for ``ENC_MSGPACK`` a binary frame holding a MessagePack
+    array header followed by the payloads. Nothing is decoded or re-encoded.
+
+    Args:
+        encoding: ``ENC_JSON`` or ``ENC_MSGPACK``.
+        frames: frames as built by :func:`encode_frame`: each exactly one final,
+            unmasked text (JSON) or binary (MessagePack) frame.
+
+    Raises:
+        ValueError: the encoding is unknown, or a frame is not one complete frame of
+            the encoding's opcode.
+        TypeError: ``frames`` is not a list, or one of them is not bytes.
+    """
+    if encoding == ENC_JSON:
+        opcode, kind = OP_TEXT, "text"
+    elif encoding == ENC_MSGPACK:
+        opcode, kind = OP_BINARY, "binary"
+    else:
+        raise ValueError(f"unknown encoding {encoding}")
+    if not isinstance(frames, list):
+        raise TypeError(f"frames must be a list, not {type(frames).__name__}")
+    payloads = []
+    for i, frame in enumerate(frames):
+        if type(frame) is not bytes:
+            raise TypeError(f"frame {i} must be bytes, not {type(frame).__name__}")
+        start = _payload_start(frame, opcode)
+        if start < 0:
+            raise ValueError(f"frame {i} is not one complete, final, unmasked {kind} frame")
+        payloads.append(frame[start:])
+    n = len(payloads)
+    if opcode == OP_TEXT:
+        payload = b"[" + b",".join(payloads) + b"]"
+    else:
+        if n < 16:
+            head = bytes((0x90 | n,))
+        elif n < 0x10000:
+            head = b"\xdc" + n.to_bytes(2, "big")
+        else:
+            head = b"\xdd" + n.to_bytes(4, "big")
+        payload = head + b"".join(payloads)
+    return frame_header(opcode, len(payload)) + payload
+
+
 class Outbox:
     """A connection's bounded queue of encoded frames, drained by its writer task.
 
@@ -102,7 +165,7 @@ class Outbox:
     __slots__ = (
         "limit", "encoding", "owner", "_frames", "_size", "_closed",
         "_conflated", "_gaps", "dropped", "conflated", "queued",
-        "fd", "_holds", "_dirty", "_rest",
+        "fd", "_holds", "_dirty", "_rest", "_batched", "_plain", "_slots", "superseded",
     )
 
     def __init__(self, limit: int, encoding: int = ENC_JSON, owner: Any = None) -> None:
@@ -113,7 +176,7 @@ class Outbox:
         self.limit = limit
         self.encoding = encoding
         self.owner = owner
-        self._frames: list[bytes] = []
+        self._frames: list[bytes | None] = []
         self._size = 0
         self._closed = False
         self._conflated: dict[Any, bytes] = {}
@@ -128,6 +191,14 @@ class Outbox:
         #: What a direct send (:func:`flush`) could not write: possibly the rest of a
         #: frame already begun on the wire. First in line; never discarded.
         self._rest = b""
+        #: Batching (ticks, see :meth:`start_batching`): whether it is on, how many
+        #: frames at the head of the queue were queued before it was switched on, the
+        #: index in the queue of the newest frame of each "latest" key (state channels)
+        #: and how many frames a newer one of the same key took out of a batch.
+        self._batched = False
+        self._plain = 0
+        self._slots: dict[Any, int] = {}
+        self.superseded = 0
 
     @property
     def holds(self) -> int:
@@ -167,6 +238,27 @@ class Outbox:
         return self._size
 
     @property
+    def batched(self) -> bool:
+        """True once :meth:`start_batching` was called."""
+        return self._batched
+
+    def start_batching(self) -> None:
+        """Send data frames in batches from now on (ticks); cannot be undone.
+
+        :meth:`take` then returns each run of data frames (complete, final, unmasked
+        frames of this encoding's opcode, as ``bytes``) as one frame whose payload is an
+        array of theirs (:func:`encode_batch`); anything else (control frames such as
+        pings) leaves as it is, in order, between runs. Frames queued before this call
+        leave as they are. Offers and puts with a "latest" key keep only the newest frame
+        of that key per batch. The outbox never joins a dirty list again: :func:`flush`
+        skips it, and whoever drives the ticks writes it (:func:`flush_tick`).
+        """
+        if not self._batched:
+            self._batched = True
+            self._plain = len(self._frames)
+            self._dirty = True
+
+    @property
     def closed(self) -> bool:
         return self._closed
 
@@ -175,15 +267,39 @@ class Outbox:
         """True when :meth:`take` or :meth:`take_gaps` has something to return."""
         return bool(self._rest or self._frames or self._conflated or self._gaps)
 
-    def put(self, frame: bytes) -> None:
-        """Queue a control or direct-answer frame; never dropped, ignored once closed."""
+    def put(self, frame: bytes, latest: Any = None) -> None:
+        """Queue a control or direct-answer frame; never dropped, ignored once closed.
+
+        Args:
+            frame: the encoded frame.
+            latest: on a batched outbox, a key (a state channel's name) whose older
+                frame still waiting for the batch, or held conflated value, this frame
+                replaces. Ignored when None or when the outbox is not batched.
+        """
         if self._closed:
             return
+        if latest is not None and self._batched:
+            i = self._slots.get(latest)
+            if i is not None:
+                self._supersede(i)
+            held = self._conflated.pop(latest, None)
+            if held is not None:
+                self._size -= len(held)
+                self.superseded += 1
+            self._slots[latest] = len(self._frames)
         self._frames.append(frame)
         self._size += len(frame)
         self.queued += 1
 
-    def offer(self, key: Any, frame: bytes, policy: int, offset: int) -> int:
+    def _supersede(self, i: int) -> None:
+        """Take the frame at index ``i`` out of the batch (a newer one of its key came)."""
+        old = self._frames[i]
+        assert old is not None
+        self._frames[i] = None
+        self._size -= len(old)
+        self.superseded += 1
+
+    def offer(self, key: Any, frame: bytes, policy: int, offset: int, latest: bool = False) -> int:
         """Queue a channel frame, or apply ``policy`` when it does not fit.
 
         Args:
@@ -191,6 +307,9 @@ class Outbox:
             frame: the encoded frame (shared between subscribers; not copied).
             policy: ``POLICY_DISCONNECT``, ``POLICY_DROP`` or ``POLICY_CONFLATE``.
             offset: the message's channel offset, for ``gap`` ranges.
+            latest: on a batched outbox (ticks), keep only the newest frame of ``key``
+                in a batch: an older one still waiting is taken out (a state channel).
+                The policy's size check counts the bytes that removal frees.
 
         Returns:
             One of the ``OFFER_*`` constants. On ``OFFER_OVERFLOW`` the outbox is
@@ -199,14 +318,27 @@ class Outbox:
         if self._closed:
             return OFFER_CLOSED
         n = len(frame)
+        slot = -1
+        freed = 0
+        if latest and self._batched:
+            found = self._slots.get(key)
+            if found is not None:
+                slot = found
+                freed = len(self._frames[slot])  # type: ignore[arg-type]
         if policy == POLICY_CONFLATE:
             held = self._conflated.get(key)
             if held is not None:
+                if slot >= 0:
+                    self._supersede(slot)
+                    del self._slots[key]
                 self._size += n - len(held)
                 self._conflated[key] = frame
                 self.conflated += 1
                 return OFFER_CONFLATED
-            if self._size + n > self.limit:
+            if self._size - freed + n > self.limit:
+                if slot >= 0:
+                    self._supersede(slot)
+                    del self._slots[key]
                 self._conflated[key] = frame
                 self._size += n
                 self.conflated += 1
@@ -217,16 +349,20 @@ class Outbox:
                 gap[1] = offset
                 self.dropped += 1
                 return OFFER_DROPPED
-            if self._size + n > self.limit:
+            if self._size - freed + n > self.limit:
                 self._gaps[key] = [offset, offset]
                 self.dropped += 1
                 return OFFER_DROPPED
         elif policy == POLICY_DISCONNECT:
-            if self._size + n > self.limit:
+            if self._size - freed + n > self.limit:
                 self.close()
                 return OFFER_OVERFLOW
         else:
             raise ValueError(f"unknown slow-consumer policy {policy}")
+        if slot >= 0:
+            self._supersede(slot)
+        if latest and self._batched:
+            self._slots[key] = len(self._frames)
         self._frames.append(frame)
         self._size += n
         self.queued += 1
@@ -234,7 +370,13 @@ class Outbox:
 
     def take(self) -> bytes:
         """Return the rest of a direct send, every queued frame, then every held conflated
-        value, and empty them."""
+        value, and empty them.
+
+        On a batched outbox (:meth:`start_batching`) each run of data frames among them
+        leaves as one batch frame (:func:`encode_batch`).
+        """
+        if self._batched:
+            return self._take_batch()
         frames = self._frames
         if self._conflated:
             frames.extend(self._conflated.values())
@@ -247,8 +389,42 @@ class Outbox:
         if not frames:
             return b""
         if len(frames) == 1:
-            return frames[0]
-        return b"".join(frames)
+            return frames[0]  # type: ignore[return-value]
+        return b"".join(frames)  # type: ignore[arg-type]
+
+    def _take_batch(self) -> bytes:
+        frames = self._frames
+        if self._conflated:
+            frames.extend(self._conflated.values())
+            self._conflated = {}
+        plain = self._plain
+        self._frames = []
+        self._slots = {}
+        self._plain = 0
+        self._size = 0
+        rest, self._rest = self._rest, b""
+        out: list[bytes] = [rest] if rest else []
+        out.extend(frames[:plain])  # type: ignore[arg-type]
+        opcode = OP_BINARY if self.encoding == ENC_MSGPACK else OP_TEXT
+        run: list[bytes] = []
+        for i in range(plain, len(frames)):
+            frame = frames[i]
+            if frame is None:
+                continue  # superseded by a newer frame of its key
+            if type(frame) is bytes and _payload_start(frame, opcode) >= 0:
+                run.append(frame)
+                continue
+            if run:
+                out.append(encode_batch(self.encoding, run))
+                run = []
+            out.append(frame)
+        if run:
+            out.append(encode_batch(self.encoding, run))
+        if not out:
+            return b""
+        if len(out) == 1:
+            return out[0]
+        return b"".join(out)
 
     def take_rest(self) -> bytes:
         """Return (and forget) what a direct send could not write: whoever writes to the
@@ -272,6 +448,8 @@ class Outbox:
         self._frames = []
         self._conflated = {}
         self._gaps = {}
+        self._slots = {}
+        self._plain = 0
         self._size = len(self._rest)
 
 
@@ -336,12 +514,14 @@ def fanout_into(
     policy: int,
     offset: int,
     dirty: list[Outbox],
+    latest: bool = False,
 ) -> list[Any]:
     """Offer one message to every member and mark each touched outbox dirty.
 
     Like :func:`fanout`, but instead of returning the owners to wake, appends every
     outbox that accepted something to ``dirty`` (once: see :meth:`Outbox.mark_dirty`),
-    for :func:`flush` to write at the end of the batch.
+    for :func:`flush` to write at the end of the batch. Batched outboxes never join
+    ``dirty`` (their tick writes them); ``latest`` is passed to :meth:`Outbox.offer`.
 
     Returns:
         The owners whose outbox overflowed under ``POLICY_DISCONNECT`` (close 4002).
@@ -352,7 +532,7 @@ def fanout_into(
     _check_frames(members, frames)
     overflowed: list[Any] = []
     for box in members._items:
-        result = box.offer(key, frames[box.encoding], policy, offset)
+        result = box.offer(key, frames[box.encoding], policy, offset, latest)
         if result == OFFER_OVERFLOW:
             overflowed.append(box.owner)
         elif result != OFFER_CLOSED and not box._dirty:
@@ -366,7 +546,8 @@ def flush(dirty: list[Outbox], by_encoding: list[int] | None = None) -> tuple[li
 
     An outbox is written directly only when it has a socket (``fd >= 0``), no
     :meth:`~Outbox.hold` and no pending gap (gap frames are encoded by the caller).
-    What the kernel does not take stays queued, first in line.
+    What the kernel does not take stays queued, first in line. A batched outbox
+    (:meth:`Outbox.start_batching`) is skipped: its tick writes it (:func:`flush_tick`).
 
     Args:
         dirty: the outboxes to write.
@@ -380,25 +561,46 @@ def flush(dirty: list[Outbox], by_encoding: list[int] | None = None) -> tuple[li
     wake: list[Any] = []
     sent = 0
     for box in dirty:
+        if box._batched:
+            continue  # it stays "dirty" for good, so it never joins a dirty list again
         box._dirty = False
-        if not (box._rest or box._frames or box._conflated or box._gaps):
-            continue
-        if box.fd < 0 or box._holds or box._gaps:
-            wake.append(box.owner)
-            continue
-        data = box.take()
-        try:
-            n = _write_fd(box.fd, data)
-        except OSError:  # BlockingIOError: socket full; others: the writer meets them too
-            n = 0
-        sent += n
-        if by_encoding is not None:
-            by_encoding[box.encoding] += n
-        if n < len(data):
-            box._rest = data[n:]
-            box._size = len(box._rest)
-            wake.append(box.owner)
+        sent += _write_direct(box, wake, by_encoding)
     dirty.clear()
+    return wake, sent
+
+
+def _write_direct(box: Outbox, wake: list[Any], by_encoding: list[int] | None) -> int:
+    """Write what ``box`` holds with one non-blocking send; return the bytes written."""
+    if not (box._rest or box._frames or box._conflated or box._gaps):
+        return 0
+    if box.fd < 0 or box._holds or box._gaps:
+        wake.append(box.owner)
+        return 0
+    data = box.take()
+    try:
+        n = _write_fd(box.fd, data)
+    except OSError:  # BlockingIOError: socket full; others: the writer meets them too
+        n = 0
+    if by_encoding is not None:
+        by_encoding[box.encoding] += n
+    if n < len(data):
+        box._rest = data[n:]
+        box._size = len(box._rest)
+        wake.append(box.owner)
+    return n
+
+
+def flush_tick(members: Members, by_encoding: list[int] | None = None) -> tuple[list[Any], int]:
+    """Write every outbox of ``members`` that has something pending, like :func:`flush`.
+
+    Called once per tick for the outboxes on that tick: a batched outbox's queue leaves
+    as batch frames (:meth:`Outbox.take`). Same conditions and results as :func:`flush`;
+    ``members`` is left as it is.
+    """
+    wake: list[Any] = []
+    sent = 0
+    for box in list(members._items):
+        sent += _write_direct(box, wake, by_encoding)
     return wake, sent
 
 

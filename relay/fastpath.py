@@ -39,16 +39,18 @@ OFFER_CLOSED = _impl.OFFER_CLOSED
 
 frame_header = _impl.frame_header
 encode_frame = _impl.encode_frame
+encode_batch = _impl.encode_batch
 Outbox = _impl.Outbox
 Members = _impl.Members
 fanout = _impl.fanout
 fanout_into = _impl.fanout_into
 flush = _impl.flush
+flush_tick = _impl.flush_tick
 
 __all__ = [
     "IMPLEMENTATION", "OP_CONTINUATION", "OP_TEXT", "OP_BINARY", "OP_CLOSE", "OP_PING",
     "OP_PONG", "ENC_JSON", "ENC_MSGPACK", "N_ENCODINGS", "POLICY_DISCONNECT",
     "POLICY_DROP", "POLICY_CONFLATE", "OFFER_QUEUED", "OFFER_DROPPED", "OFFER_CONFLATED",
-    "OFFER_OVERFLOW", "OFFER_CLOSED", "frame_header", "encode_frame", "Outbox", "Members",
-    "fanout", "fanout_into", "flush",
+    "OFFER_OVERFLOW", "OFFER_CLOSED", "frame_header", "encode_frame", "encode_batch", "Outbox", "Members",
+    "fanout", "fanout_into", "flush", "flush_tick",
 ]

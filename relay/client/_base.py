@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Union
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import trio
 
@@ -56,7 +56,8 @@ class _ClientBase:
                  max_offline_queue: int = 1000, token_callback: TokenCallback | None = None,
                  on_recovery_lost: OnRecoveryLost = "raise", request_timeout: float = 10.0,
                  connect_timeout: float = 10.0, ping_timeout: float = 10.0,
-                 buffer_size: int = 1000, on_event: Callable[[Event], None] | None = None) -> None:
+                 buffer_size: int = 1000, on_event: Callable[[Event], None] | None = None,
+                 tick_ms: int | None = None) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("ws", "wss") or not parts.hostname:
             raise ValueError(f"url must be ws://HOST[:PORT]/PATH or wss://..., got {url!r}")
@@ -77,13 +78,23 @@ class _ClientBase:
             raise ValueError(f"max_offline_queue must be >= 0, got {max_offline_queue}")
         if buffer_size < 1:
             raise ValueError(f"buffer_size must be >= 1, got {buffer_size}")
+        query = parts.query
+        if tick_ms is not None:
+            if isinstance(tick_ms, bool) or not isinstance(tick_ms, int) or tick_ms <= 0:
+                raise ValueError(f"tick_ms must be a positive int (milliseconds) or None, got {tick_ms!r}")
+            if "tick_ms" in parse_qs(query, keep_blank_values=True):
+                raise ValueError(f"tick_ms is given twice: as an argument and in the url {url!r}")
+            query = f"{query}&tick_ms={tick_ms}" if query else f"tick_ms={tick_ms}"
         self.url = url
+        #: Milliseconds between the server's deliveries to this client (``?tick_ms=N``), or
+        #: None: each message as it comes.
+        self.tick_ms = tick_ms
         self.encoding = encoding
         self._tls = parts.scheme == "wss"
         self._host = parts.hostname
         self._port = parts.port or (443 if self._tls else 80)
         self._host_header = parts.netloc.rpartition("@")[2]
-        self._resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self._resource = (parts.path or "/") + (f"?{query}" if query else "")
         #: The server's session id and node of the current (or last) connection.
         self.session: str | None = None
         self.node: str | None = None

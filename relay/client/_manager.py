@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import msgpack
 import trio
 from trio_websocket import (
     ConnectionClosed,
@@ -29,7 +30,7 @@ from trio_websocket import (
     wrap_client_stream,
 )
 
-from ..core.codec import JSON, dumps_json
+from ..core.codec import JSON, dumps_json, loads_json
 from ..errors import BadRequest
 from ._base import _ClientBase
 from ._errors import (
@@ -84,6 +85,17 @@ CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_ABNORMAL = 1006
 #: The jitter source (tests replace it to make delays exact).
 _rand: Callable[[], float] = random.random
+
+
+def _is_array(raw: str | bytes) -> bool:
+    """Whether a frame holds an array (a tick's batch) rather than one message (a map)."""
+    if isinstance(raw, str):
+        return raw[:1] == "["
+    return bool(raw) and (0x90 <= raw[0] <= 0x9F or raw[0] in (0xDC, 0xDD))
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"msgpack extension type {code} is not supported")
 
 
 @dataclass(frozen=True, slots=True)
@@ -365,6 +377,21 @@ class _ConnectionManager(_ClientBase):
         except BadRequest as exc:
             raise _ProtocolError(f"undecodable message from the server: {exc}") from None
 
+    def _decode_all(self, raw: str | bytes) -> list[dict[str, Any]]:
+        """Return the messages in one frame: one, or the array of a tick (``tick_ms``)."""
+        if not _is_array(raw):
+            return [self._decode(raw)]
+        try:
+            if isinstance(raw, str):
+                items = loads_json(raw)
+            else:
+                items = msgpack.unpackb(raw, raw=False, strict_map_key=False, ext_hook=_no_ext)
+        except (ValueError, RecursionError, msgpack.UnpackException, msgpack.ExtraData) as exc:
+            raise _ProtocolError(f"undecodable batch of messages from the server: {exc}") from None
+        if not isinstance(items, list) or not all(isinstance(m, dict) for m in items):
+            raise _ProtocolError("a batch of messages from the server holds something else than messages")
+        return items
+
     async def _reader(self, conn: _Connection, scope: trio.CancelScope) -> None:
         try:
             while True:
@@ -374,7 +401,8 @@ class _ConnectionManager(_ClientBase):
                     self._closed_by_peer(conn, exc)
                     return
                 try:
-                    await self._dispatch(conn, self._decode(raw))
+                    for msg in self._decode_all(raw):
+                        await self._dispatch(conn, msg)
                 except _ProtocolError as exc:
                     log.warning("closing the connection to %s: %s", self.url, exc)
                     conn.end(CLOSE_PROTOCOL_ERROR, str(exc), send=(CLOSE_PROTOCOL_ERROR, "protocol error"))

@@ -2,8 +2,9 @@
 
 The server owns one nursery. In it run the listener (inside a cancel scope of its
 own so drain can stop accepting without touching open connections), one task per
-TCP connection, and the channel sweeper. ``run_server`` adds signal handling for
-the ``relay serve`` command.
+TCP connection, the channel sweeper, the flusher, the heartbeater, and one ticker per
+tick interval that some connection asked for (``?tick_ms=N``). ``run_server`` adds
+signal handling for the ``relay serve`` command.
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ class RelayServer:
             "http": self.bytes_sent - sum(self.bytes_sent_by_encoding)})
         self._flush_lot = trio.lowlevel.ParkingLot()
         self.hub.wake_flusher = self.wake_flusher
+        #: The outboxes of ticked connections, by tick interval (ms); one ticker task each.
+        self._ticks: dict[int, fastpath.Members] = {}
         self.draining = False
         #: TCP connections waiting for a request or in the WebSocket handshake
         #: (``limits.max_pending_connections``; maintained by the front door).
@@ -200,6 +203,51 @@ class RelayServer:
                     conn.ping(now)
                 checks.append(now + cfg.heartbeat_timeout)
                 next_ping = now + cfg.heartbeat
+
+    def add_ticked(self, conn: Connection) -> None:
+        """Have the ticker of ``conn.tick_ms`` write ``conn`` (starting that ticker if needed).
+
+        One task per distinct interval, not per connection; it ends when its last
+        connection leaves.
+        """
+        members = self._ticks.get(conn.tick_ms)
+        if members is None:
+            members = self._ticks[conn.tick_ms] = fastpath.Members()
+            assert self._nursery is not None, "connections exist only while the server runs"
+            self._nursery.start_soon(self._ticker, conn.tick_ms, members)
+        members.add(conn.outbox)
+
+    def remove_ticked(self, conn: Connection) -> None:
+        members = self._ticks.get(conn.tick_ms)
+        if members is not None:
+            members.remove(conn.outbox)
+
+    async def _ticker(self, tick_ms: int, members: fastpath.Members) -> None:
+        """Every ``tick_ms``, write each connection on this tick that has something queued:
+        one batch frame per connection (``fastpath.flush_tick``); the writer tasks finish
+        what a direct send could not.
+
+        Ticks keep to a fixed grid; when a tick comes late (a busy event loop), the ticks
+        missed are skipped, not caught up in a burst. Ends once no connection is left.
+        """
+        interval = tick_ms / 1000.0
+        next_tick = trio.current_time() + interval
+        try:
+            while len(members):
+                await trio.sleep_until(next_tick)
+                wake, sent = fastpath.flush_tick(members, self.bytes_sent_by_encoding)
+                self.bytes_sent += sent
+                for conn in wake:
+                    conn.wake_writer()
+                next_tick += interval
+                now = trio.current_time()
+                if next_tick <= now:
+                    next_tick = now + interval
+        finally:
+            # (No await between the last emptiness check and this: a connection added
+            # meanwhile starts a new ticker.)
+            if self._ticks.get(tick_ms) is members:
+                del self._ticks[tick_ms]
 
     def add_connection(self, conn: Connection) -> None:
         self.connections[conn.id] = conn

@@ -14,6 +14,7 @@ import logging
 import time
 from functools import partial
 from collections.abc import Awaitable, Callable, Iterator
+from urllib.parse import parse_qs, urlsplit
 from typing import TYPE_CHECKING
 
 import h11
@@ -27,7 +28,14 @@ from .. import logs
 from ..core.auth import Identity
 from ..core.codec import BY_SUBPROTOCOL, JSON, SUPPORTED_SUBPROTOCOLS, Codec, negotiate
 from . import fallback, http_api
-from .ws import CLOSE_GOING_AWAY, CLOSE_GRACE_SECONDS, CLOSE_INTERNAL_ERROR, Connection
+from .ws import (
+    CLOSE_GOING_AWAY,
+    CLOSE_GRACE_SECONDS,
+    CLOSE_INTERNAL_ERROR,
+    MAX_TICK_MS,
+    MIN_TICK_MS,
+    Connection,
+)
 
 if TYPE_CHECKING:
     from .app import RelayServer
@@ -410,19 +418,40 @@ async def _upgrade(server: RelayServer, reader: _Reader, peer: str, handshake: t
         await _send(reader, http_api.error_response(
             404, "not_found", f"WebSocket endpoint is {WS_PATH}"), close=True)
         return
+    tick_ms = tick_ms_of(request.target)
+    if isinstance(tick_ms, str):
+        metrics.handshakes_refused.labels("bad_request").inc()
+        await _send(reader, http_api.error_response(400, "bad_request", tick_ms), close=True)
+        return
     admission = server.security.check_upgrade(request.headers, request.target, peer, metrics)
     if isinstance(admission, http_api.Response):
         await _send(reader, admission, close=True)
         return
     del request
     try:
-        await _accept(server, reader, peer, handshake, admission.identity)
+        await _accept(server, reader, peer, handshake, admission.identity, tick_ms)
     finally:
         server.security.release(admission)
 
 
+def tick_ms_of(target: bytes) -> int | str:
+    """Return the ``tick_ms`` query parameter of a WebSocket URL (0 when absent), or why
+    it is refused."""
+    query = urlsplit(target.decode("latin-1")).query
+    values = parse_qs(query, keep_blank_values=True).get("tick_ms") if query else None
+    if not values:
+        return 0
+    allowed = f"an integer from {MIN_TICK_MS} to {MAX_TICK_MS} (milliseconds between deliveries)"
+    if len(values) > 1:
+        return f"tick_ms is given {len(values)} times; give it once, {allowed}"
+    text = values[0]
+    if not (text.isascii() and text.isdigit()) or not MIN_TICK_MS <= int(text) <= MAX_TICK_MS:
+        return f"tick_ms must be {allowed}, got {text[:40]!r}"
+    return int(text)
+
+
 async def _accept(server: RelayServer, reader: _Reader, peer: str, handshake: trio.CancelScope,
-                  identity: Identity) -> None:
+                  identity: Identity, tick_ms: int = 0) -> None:
     """Complete the WebSocket handshake of an admitted upgrade and serve the connection."""
     stream = ReplayStream(reader.stream, bytes(reader.raw))
     # The HTTP side is done with: free its buffers for the connection's lifetime.
@@ -438,7 +467,7 @@ async def _accept(server: RelayServer, reader: _Reader, peer: str, handshake: tr
             nursery.cancel_scope.cancel()
             return
         handshake.deadline = float("inf")
-        conn = Connection(server, ws, codec_of(ws), peer, identity)
+        conn = Connection(server, ws, codec_of(ws), peer, identity, tick_ms)
         server.add_connection(conn)
         log.info("connection open", extra=logs.fields(
             event="open", conn=conn.id, remote=peer, user=identity.user, encoding=conn.codec.name))

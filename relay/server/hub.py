@@ -274,7 +274,9 @@ class Hub:
             key: Any = ch.name
             if opts.conflate_key:
                 key = _delivered_key(opts, ch.name, pub.data)
-            overflowed = fastpath.fanout_into(members, frames, key, ch.policy, pub.offset, dirty)
+            # On a ticked connection a state channel keeps only its newest value per tick.
+            overflowed = fastpath.fanout_into(members, frames, key, ch.policy, pub.offset, dirty,
+                                              opts.mode == "state")
             self.written.append((pub.ingress, opts.pattern, opts.mode))
             self.wake_flusher()
             if trace_log.isEnabledFor(logging.DEBUG):
@@ -324,7 +326,8 @@ class Hub:
             "offset": log.offset, "recovered": recovered,
         }, ref)))
         for pub in follow:
-            out.put(ch.frame(pub, enc))
+            # (A state channel's value: a newer one in the same tick replaces it.)
+            out.put(ch.frame(pub, enc), name if mode == "state" else None)
         ch.members.add(out)
         sub.subscriptions.add(name)
         sub.wake()

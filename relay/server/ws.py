@@ -9,6 +9,12 @@ connection's writer task, which sends it with ``send_all``. Frames are
 pre-encoded, so both paths bypass trio-websocket's per-message framing; they write
 only while trio-websocket's stream lock is free (the writer holds it), so its
 pings, pongs and close frames never interleave inside one of ours.
+
+A connection opened with ``?tick_ms=N`` is *ticked*: after ``welcome`` its outbox
+batches (:meth:`~relay.fastpath.Outbox.start_batching`), the flusher leaves it alone,
+and the server's ticker for N ms writes it once per tick
+(:func:`relay.fastpath.flush_tick`): everything queued in the tick leaves as one frame
+holding an array of envelopes.
 """
 
 from __future__ import annotations
@@ -45,6 +51,9 @@ CLOSE_INTERNAL_ERROR = 1011
 CLOSE_GRACE_SECONDS = 2.0
 #: The heartbeat ping; any pong counts as the answer.
 PING_FRAME = fastpath.encode_frame(fastpath.OP_PING, b"relay")
+#: The tick intervals a client may ask for (``?tick_ms=N`` on the WebSocket URL).
+MIN_TICK_MS = 10
+MAX_TICK_MS = 1000
 
 
 class _HoldingLock:
@@ -106,9 +115,11 @@ class Connection:
     """A client connected over WebSocket; owns its reader and writer tasks (heartbeats: the server pings)."""
 
     def __init__(self, server: RelayServer, ws: WebSocketConnection, codec: Codec, remote: str,
-                 identity: Identity = ANONYMOUS) -> None:
+                 identity: Identity = ANONYMOUS, tick_ms: int = 0) -> None:
         cfg = server.config
         self.server = server
+        #: Milliseconds between the ticks that deliver this connection's frames (0: none).
+        self.tick_ms = tick_ms
         self.ws = ws
         self.codec = codec
         self.remote = remote
@@ -208,18 +219,28 @@ class Connection:
         (:meth:`_deliver`); this task writes what the direct sends left.
         """
         cfg = self.server.config
-        self.send({
+        welcome: dict[str, Any] = {
             "type": "welcome", "session": self.id, "node": self.server.node_id,
             "heartbeat": cfg.heartbeat,
-        })
-        self._attach()
+        }
+        if self.tick_ms:
+            welcome["tick_ms"] = self.tick_ms
+        self.send(welcome)
+        if self.tick_ms:
+            # welcome leaves as it is (a client learns from it that ticks are on); every
+            # later data frame holds an array.
+            self.outbox.start_batching()
+            self.server.add_ticked(self)
         try:
+            self._attach()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.guard.watch_expiry, self)
                 await self._writer()
                 nursery.cancel_scope.cancel()
         finally:
             self._detached = True  # a message still being parsed is not handled any more
+            if self.tick_ms:
+                self.server.remove_ticked(self)
             self.server.hub.disconnect(self, trio.current_time())
             self._count_slow_consumer_actions()
 
@@ -236,14 +257,22 @@ class Connection:
     def _take(self) -> bytes:
         """Empty the outbox into bytes to write: queued frames, held values, then gaps."""
         outbox = self.outbox
-        data = outbox.take()
-        gaps = outbox.take_gaps()
+        frame = self.codec.frame
+        if outbox.batched:
+            # Ticked: the gaps join the tick's array, after what was queued.
+            gaps = outbox.take_gaps()
+            for ch, lo, hi in gaps:
+                outbox.put(frame({"type": "gap", "channel": ch, "from": lo, "to": hi}))
+            data = outbox.take()
+        else:
+            data = outbox.take()
+            gaps = outbox.take_gaps()
+            if gaps:
+                data += b"".join(
+                    frame({"type": "gap", "channel": ch, "from": lo, "to": hi})
+                    for ch, lo, hi in gaps
+                )
         if gaps:
-            frame = self.codec.frame
-            data += b"".join(
-                frame({"type": "gap", "channel": ch, "from": lo, "to": hi})
-                for ch, lo, hi in gaps
-            )
             self._count_slow_consumer_actions()
         elif outbox.conflated != self._counted_conflated:
             self._count_slow_consumer_actions()
