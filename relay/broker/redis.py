@@ -27,7 +27,6 @@ from urllib.parse import quote
 
 import hiredis
 import trio
-from redis.connection import parse_url
 
 from ..config import redact_url
 from ..errors import Unavailable
@@ -61,6 +60,9 @@ class Endpoint:
 
     @classmethod
     def parse(cls, url: str) -> Endpoint:
+        # (imported here: the test suite's own "redis" package shadows redis-py in-process)
+        from redis.connection import parse_url
+
         opts = parse_url(url)  # type: ignore[no-untyped-call]
         return cls(
             url=url,

@@ -4,6 +4,10 @@
 they never skip. Each Redis runs without persistence on a free port of 127.0.0.1 and
 can be killed (SIGKILL) and started again on the same port; each relay node is a
 ``python -m relay serve`` child process (tests/server/test_subprocess.py).
+
+Note: pytest imports this directory as the package ``redis`` (tests/ is on sys.path), which
+shadows redis-py inside the test process. The relay nodes are child processes and use the
+real one; in-process tests must not need ``import redis``.
 """
 
 from __future__ import annotations
