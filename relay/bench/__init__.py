@@ -1,4 +1,4 @@
-"""``relay bench``: the end-to-end load scenarios W1-W3, against relay and other servers.
+"""``relay bench``: the end-to-end load scenarios W1-W4, against relay and other servers.
 
 Each measurement starts a fresh server process (relay, or any command given with
 ``--against``) pinned to its own CPU, drives it over loopback with the C load generator
@@ -10,6 +10,9 @@ server's CPU time and memory from ``/proc``. Scenarios:
   100,000 deliveries/s.
 * ``w2``: a small room, 100 subscribers and 1,000 messages/s: p50/p99.
 * ``w3``: 10,000 idle subscribed connections: server memory per connection (VmRSS).
+* ``w4``: keyed conflation (relay only): a 10,000 messages/s feed of 500 symbols, fast
+  subscribers that must get every update and a slow one whose per-symbol age is sampled, under
+  ``conflate_key``, per-channel conflation and disconnect.
 
 It owns processes, not protocol: it never imports the server. Everything it starts is
 bounded in time and stopped in ``finally`` blocks; it only connects to 127.0.0.1.
@@ -23,7 +26,9 @@ The modules, each importing only those above it:
 * ``servers``: server specs (relay, ``--peers``, ``--against``) and the server process;
 * ``loaders``: the cload subscriber processes, JSON-line I/O, merging their results;
 * ``report``: machine, version and git facts, the tables and the summary;
-* ``scenarios``: one fan-out or idle run, its verdict, W1-W3;
+* ``keyed_client``: W4's measuring clients (a separate process; standard library only);
+* ``conflation``: one W4 run per channel policy, its numbers and verdict;
+* ``scenarios``: one fan-out or idle run, its verdict, W1-W3 (and W4 from ``conflation``);
 * ``cli``: the command line (:func:`main`).
 
 This package re-exports the names other code uses (``relay.cli``, tests, bench/load).
@@ -64,6 +69,7 @@ from .scenarios import run_idle as run_idle
 from .scenarios import scenario_w1 as scenario_w1
 from .scenarios import scenario_w2 as scenario_w2
 from .scenarios import scenario_w3 as scenario_w3
+from .scenarios import scenario_w4 as scenario_w4
 from .scenarios import verdict as verdict
 from .scenarios import warnings as warnings
 from .servers import Server as Server

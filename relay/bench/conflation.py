@@ -130,6 +130,7 @@ def run_keyed(exe: Path, spec: ServerSpec, s: Settings, variant: str) -> dict[st
         cpu0, jif0, t0 = server.cpu_ns(), cpu_jiffies(), time.monotonic_ns()
         loaders.say("start")
         subs = loaders.results(s.w4_duration + s.drain + 30)
+        _sleep_until(w1)  # at least the planned window, also when the fast subscribers stopped early (closed)
         cpu1, jif1, t1 = server.cpu_ns(), cpu_jiffies(), time.monotonic_ns()
         ours = {os.getpid(), server.pid, pub.pid, kc.pid, *(p.pid for p in loaders.procs)}
         res["other_processes_cpu"] = other_cpu(procs0, all_process_cpu(), ours, (t1 - t0) / 1e9)
@@ -137,7 +138,7 @@ def run_keyed(exe: Path, spec: ServerSpec, s: Settings, variant: str) -> dict[st
         kres = kc_lines.read(max(1.0, (deadline - time.monotonic_ns()) / 1e9) + 30)
         res["server_metrics_after"] = server.metrics().get("counters")
         sub = merge_sub_results(subs)
-        res.update(_numbers(s, sub, pres, kres, cpu0, cpu1, jif0, jif1, t1 - t0))
+        res.update(_numbers(s, sub, pres, kres, cpu0, cpu1, jif0, jif1, t1 - t0, start_at, pub_end))
         res["publisher"] = {k: pres.get(k) for k in (
             "sent", "sent_measured", "achieved_rate", "lag_us", "send_blocked_s", "stopped_by", "errors",
             "error_messages", "close_code", "cpu", "scheduling", "unread_bytes_max", "unread_bytes_end",
@@ -179,7 +180,7 @@ def _ms(summary: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def _numbers(s: Settings, sub: dict[str, Any], pub: dict[str, Any], kres: dict[str, Any], cpu0: int | None,
-             cpu1: int | None, jif0: Any, jif1: Any, window_ns: int) -> dict[str, Any]:
+             cpu1: int | None, jif0: Any, jif1: Any, window_ns: int, start_at: int, pub_end: int) -> dict[str, Any]:
     wall = window_ns / 1e9
     rate_ms = s.w4_rate / 1e3
     srv = (cpu1 - cpu0) if cpu0 is not None and cpu1 is not None else None
@@ -232,8 +233,12 @@ def _numbers(s: Settings, sub: dict[str, Any], pub: dict[str, Any], kres: dict[s
             "symbols_seen_min": min((c.get("symbols_seen", 0) for c in slow_cs), default=None),
             "symbols_total": kres.get("symbols_published"),
             "close_codes": [c.get("close_code") for c in slow_cs],
-            "closed_after_s": [round((c["closed_at_ns"] - (kres.get("window_start_ns") or 0)) / 1e9, 2)
-                               if c.get("closed_at_ns") and kres.get("window_start_ns") else None for c in slow_cs],
+            # seconds from the first publish to the close, and from the last publish until it
+            # held the last value of every symbol
+            "closed_after_s": [round((c["closed_at_ns"] - start_at) / 1e9, 2) if c.get("closed_at_ns") else None
+                               for c in slow_cs],
+            "caught_up_after_s": [round((c["caught_up_at_ns"] - pub_end) / 1e9, 2) if c.get("caught_up_at_ns")
+                                  else None for c in slow_cs],
             "gap_messages": sum(c.get("gap_messages", 0) for c in slow_cs),
             "error_messages": sum(c.get("error_messages", 0) for c in slow_cs),
             "per_client": slow_cs,

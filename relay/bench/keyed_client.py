@@ -106,6 +106,7 @@ class Client:
         self.subscribed = False
         self.closed_code: int | None = None
         self.closed_at: int | None = None
+        self.caught_up_at: int | None = None  # first time it held the last value of every symbol
         self.eof = False
         self.last_bytes_ns = time.monotonic_ns()
         self.tokens = 0.0
@@ -335,6 +336,7 @@ class Client:
             "gap_messages": self.gap_messages, "error_messages": self.error_messages,
             "other_messages": self.other_messages, "pings": self.pings, "close_code": self.closed_code,
             "closed_at_ns": self.closed_at, "eof": self.eof and self.closed_code is None,
+            "caught_up_at_ns": self.caught_up_at,
             "samples": self.samples, "missing": self.missing,
             "missing_share": round(self.missing / (self.missing + len(self.ages_ns)), 4)
             if self.missing + len(self.ages_ns) else None,
@@ -441,9 +443,10 @@ def main(argv: list[str] | None = None) -> int:
         for i, c in enumerate(clients):
             if i in finished:
                 continue
-            if c.done() or (now > pub_end and (
-                    all(c.newest_s.get(k) == s for k, s in finals.items())
-                    or (now - c.last_bytes_ns > idle_ns and not c.has_frame()))):
+            current = now > pub_end and all(c.newest_s.get(k) == s for k, s in finals.items())
+            if current and c.caught_up_at is None:
+                c.caught_up_at = now
+            if c.done() or current or (now > pub_end and now - c.last_bytes_ns > idle_ns and not c.has_frame()):
                 finished.add(i)
         if len(finished) == len(clients):
             break

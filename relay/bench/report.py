@@ -181,6 +181,12 @@ def _p99_ms(summary: dict[str, Any] | None) -> float | None:
     return None if p99 is None else p99 / 1e3
 
 
+def _after(seconds: list[float | None] | None) -> str:
+    """" after 1.2 s" for the slowest of several clients, "" when none."""
+    known = [x for x in seconds or [] if x is not None]
+    return f" after {max(known):.1f} s" if known else ""
+
+
 def _render_w4(w4: dict[str, Any]) -> list[str]:
     """The W4 table: one row per server and channel policy."""
     rows: list[tuple[str, ...]] = []
@@ -205,7 +211,8 @@ def _render_w4(w4: dict[str, Any]) -> list[str]:
                          _f(sa.get("p50"), 1), _f(sa.get("p99"), 1), _f(sa.get("max"), 1),
                          _f((sl.get("outdated_ms") or {}).get("p99"), 1),
                          _pct(sl.get("missing_share")),
-                         f"{sl.get('symbols_at_final_min')}/{sl.get('symbols_total')}", closed,
+                         f"{sl.get('symbols_at_final_min')}/{sl.get('symbols_total')}" + _after(sl.get("caught_up_after_s")),
+                         closed + _after(sl.get("closed_after_s")),
                          _f(r.get("server_cpu_us_per_delivery"), 2), _pct(r.get("server_cpu_utilization")),
                          _f(r.get("server_intake_backlog_ms_max"), 1),
                          _pct(r.get("loadgen_cpu_utilization")), "ok" if r.get("pass") else "FAIL"))
@@ -221,7 +228,9 @@ def _render_w4(w4: dict[str, Any]) -> list[str]:
                    f"{first['send_queue_size']:,} B. age = sample time - send time of the newest value of a symbol the "
                    f"client has seen, every {first['sample_ms']:g} ms over {first['duration_s']:g} s, in ms; outdated: "
                    f"sample time - send time of the first update newer than the slow client's value (0 when "
-                   f"current); srv behind: most publishes the server had not read yet, in ms of the feed")
+                   f"current); slow at final: symbols whose last value it got (after: seconds from the feed's end); closed: "
+                   f"close code (after: seconds from the feed's start); srv behind: most publishes the server had not "
+                   f"read yet, in ms of the feed")
         out.append(_table(("server", "policy", "fast got/sent", "fast p99 ms", "probe age p50", "p99", "max",
                            "slow msg/s", "conflated", "slow age p50", "p99", "max", "outdated p99", "no value",
                            "slow at final", "closed", "srv µs/deliv", "srv CPU", "srv behind ms", "load CPU",
