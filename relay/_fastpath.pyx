@@ -930,7 +930,7 @@ def flush_tick(Members members not None, list by_encoding=None):
     cdef long long per_encoding[N_ENCODINGS_C]
     cdef int e
     cdef Py_ssize_t i
-    cdef list items = list(members._items)
+    cdef list items = members._items  # (nothing in here adds or removes members)
     for e in range(N_ENCODINGS_C):
         per_encoding[e] = 0
     for i in range(PyList_GET_SIZE(items)):

@@ -599,7 +599,7 @@ def flush_tick(members: Members, by_encoding: list[int] | None = None) -> tuple[
     """
     wake: list[Any] = []
     sent = 0
-    for box in list(members._items):
+    for box in members._items:  # (nothing in here adds or removes members)
         sent += _write_direct(box, wake, by_encoding)
     return wake, sent
 

@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from .conftest import MSGPACK_PROTO, Client, open_client, running_server
-from .test_bad_input import OP_BINARY, OP_PING, OP_PONG, OP_TEXT, RawSocket
+from .test_bad_input import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, RawSocket
 
 STATE = {"pattern": "state.*", "mode": "state"}
 
@@ -274,3 +274,31 @@ async def test_msgpack_ticked_frames_are_binary_arrays() -> None:
                 assert got == [{"type": "pong", "ref": "x"}, {"type": "pong", "ref": "y"}]
             finally:
                 await raw.aclose()
+
+
+async def test_drain_sends_what_waits_for_the_tick_then_closes() -> None:
+    with trio.fail_after(15):
+        async with running_server(drain_window=0.1) as server:
+            raw = await RawSocket.open(server.port)
+            try:
+                await raw.handshake(path="/ws?tick_ms=1000")
+                assert await raw.recv_frame() is not None  # welcome
+                await raw.send_json({"type": "subscribe", "channel": "c", "ref": 1})
+                frame = await raw.recv_frame()
+                assert frame is not None and [m["type"] for m in json.loads(frame.payload)] == ["subscribed"]
+                now = trio.current_time()
+                for i in range(3):
+                    server.hub.publish("c", i, now)
+                frames = []
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(server.drain)
+                    while not frames or frames[-1].opcode != OP_CLOSE:
+                        frame = await raw.recv_frame()
+                        assert frame is not None, f"connection ended ({raw.end}) before a close frame"
+                        frames.append(frame)
+                    await raw.send_close(1001)
+            finally:
+                await raw.aclose()
+            assert [f.opcode for f in frames] == [OP_TEXT, OP_CLOSE], frames
+            assert [m["data"] for m in json.loads(frames[0].payload)] == [0, 1, 2]
+            assert frames[1].close_code == 1001
