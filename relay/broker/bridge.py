@@ -23,7 +23,7 @@ stream without gap or duplicate: its cursor is the stream's top when the history
 ran; it joins the members once the live cursor reaches it, so live messages already
 covered by the history are not sent again.
 
-Each Redis URL is a :class:`Shard` (two connections: pipelined commands, pub/sub) that
+Each Redis URL is a :class:`~relay.broker.shard.Shard` (two connections: pipelined commands, pub/sub) that
 reconnects with exponential backoff and jitter, then resubscribes every channel
 with local interest and catches each one up from the stream. Channels are spread over
 shards by consistent hashing (:mod:`relay.broker.ring`), or, with ``redis_cluster``, by the
@@ -36,7 +36,6 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -50,24 +49,18 @@ from ..core.envelope import Ref, Since
 from ..core.history import Publication
 from ..errors import RelayError, Unavailable
 from . import HistoryView, PublishResult
-from .redis import ConnectionLost, Endpoint, Link, Pipeline, PubSub
+from .redis import ConnectionLost, Endpoint, Link
 from .ring import HashRing
+from .shard import (
+    BACKOFF_FIRST_SECONDS, BACKOFF_MAX_SECONDS, HISTORY_LUA, PING_TIMEOUT_SECONDS, PUBLISH_LUA,
+    Shard, _describe,
+)
 
 if TYPE_CHECKING:
     from ..server.hub import Hub, PublishDone, Subscriber
 
 log = logging.getLogger("relay.broker")
 
-#: Reconnection delays: exponential from the first to the last, each drawn uniformly
-#: from [delay/2, delay] (jitter, so nodes do not reconnect in step).
-BACKOFF_FIRST_SECONDS = 0.05
-BACKOFF_MAX_SECONDS = 2.0
-#: Both connections are pinged this often; no answer within PING_TIMEOUT_SECONDS and the
-#: shard reconnects (a Redis that stopped answering is treated as down).
-PING_EVERY_SECONDS = 1.0
-PING_TIMEOUT_SECONDS = 3.0
-#: Commands that may wait for Redis replies per shard (publishes beyond get ``unavailable``).
-MAX_PENDING_COMMANDS = 20_000
 #: Live messages held per channel while its history is read; past it they are dropped
 #: and read back from the stream instead.
 MAX_BUFFERED = 10_000
@@ -81,42 +74,6 @@ MAX_JOIN_ROUNDS = 8
 CLUSTER_SLOTS = 16384
 #: A cluster's slots are read again at most this often (after a lost connection or MOVED).
 TOPOLOGY_REFRESH_SECONDS = 0.5
-
-PUBLISH_LUA = """
-local epoch = redis.call('hget', KEYS[1], 'e')
-if not epoch then
-  epoch = ARGV[4]
-  redis.call('hset', KEYS[1], 'e', epoch)
-  redis.call('del', KEYS[2])
-end
-local offset = redis.call('hincrby', KEYS[1], 's', 1)
-redis.call('xadd', KEYS[2], 'MAXLEN', ARGV[2], offset .. '-0', 'd', ARGV[1])
-redis.call('pexpire', KEYS[2], ARGV[3])
-redis.call('pexpire', KEYS[1], ARGV[5])
-redis.call(ARGV[7], ARGV[6], epoch .. ' ' .. offset .. ' ' .. ARGV[1])
-return {epoch, offset}
-"""
-
-# ARGV: 1 what ('top', 'since', 'last'), 2 since offset, 3 count, 4 epoch to create when
-# there is none ('' = create none), 5 meta ttl ms. Returns {epoch or '', top, entries}.
-HISTORY_LUA = """
-local epoch = redis.call('hget', KEYS[1], 'e')
-if not epoch then
-  if ARGV[4] == '' then return {'', 0, {}} end
-  epoch = ARGV[4]
-  redis.call('hset', KEYS[1], 'e', epoch)
-  redis.call('pexpire', KEYS[1], ARGV[5])
-  redis.call('del', KEYS[2])
-end
-local top = tonumber(redis.call('hget', KEYS[1], 's') or '0')
-local entries = {}
-if ARGV[1] == 'since' then
-  entries = redis.call('xrange', KEYS[2], '(' .. ARGV[2] .. '-0', '+', 'COUNT', ARGV[3])
-elseif ARGV[1] == 'last' then
-  entries = redis.call('xrevrange', KEYS[2], '+', '-', 'COUNT', ARGV[3])
-end
-return {epoch, top, entries}
-"""
 
 _IDLE, _SYNCING, _LIVE = 0, 1, 2
 
@@ -143,167 +100,6 @@ def _decode_entries(entries: list[Any], now: float) -> list[Publication]:
 
 def _milliseconds(seconds: float) -> int:
     return max(1, int(seconds * 1000))
-
-
-class Shard:
-    """One Redis server: a pipelined command connection and a pub/sub connection,
-    reconnected with backoff for as long as the bridge runs."""
-
-    def __init__(self, bridge: RedisBridge, endpoint: Endpoint, index: int) -> None:
-        self.bridge = bridge
-        self.endpoint = endpoint
-        self.index = index
-        self.up = False
-        #: Why the shard is down (None while up).
-        self.problem: str | None = "not connected yet"
-        self.pipeline: Pipeline | None = None
-        self.pubsub: PubSub | None = None
-        self.publish_sha = ""
-        self.history_sha = ""
-        self.connects = 0
-        self.retired = False
-        self._scope = trio.CancelScope()
-        self._nursery: trio.Nursery | None = None
-        self._failed: str | None = None
-
-    def start_soon(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Run a task for as long as the current connections live (cancelled with them).
-
-        If it fails (Redis refused a command, or a bug), the shard reconnects: every
-        channel is then caught up again from its stream, so no channel stays stuck.
-        """
-        assert self._nursery is not None
-        self._nursery.start_soon(self._task, fn, args, self._nursery.cancel_scope)
-
-    async def _task(self, fn: Callable[..., Any], args: tuple[Any, ...], scope: trio.CancelScope) -> None:
-        try:
-            await fn(*args)
-        except Unavailable as exc:
-            if self.pipeline is not None and self.pipeline.closed is None:
-                log.warning("redis %s: %s; reconnecting", self.endpoint.shown, exc.message)
-                self._failed = exc.message
-                scope.cancel()
-            # else: the connection is going away, and the session says why
-        except Exception as exc:
-            log.exception("redis %s: a channel task failed; reconnecting", self.endpoint.shown)
-            self._failed = f"internal error: {exc!r}"
-            scope.cancel()
-
-    def unavailable(self, ref: Ref = None) -> Unavailable:
-        return Unavailable(f"redis {self.endpoint.shown} unavailable: {self.problem}", ref=ref)
-
-    def retire(self) -> None:
-        """Stop this shard for good (a cluster master that is no longer one)."""
-        self.retired = True
-        self._scope.cancel()
-
-    async def run(self) -> None:
-        with self._scope:
-            await self._run()
-
-    async def _run(self) -> None:
-        delay = BACKOFF_FIRST_SECONDS
-        failures = 0
-        while True:
-            connects = self.connects
-            try:
-                reason = await self._session()
-            except Exception as exc:
-                # Whatever Redis or the network did that we did not foresee: logged with its
-                # traceback, then handled like a lost connection (the node stays up).
-                log.exception("redis %s: connection failed unexpectedly", self.endpoint.shown)
-                reason = f"internal error: {exc!r}"
-            if self.connects != connects:  # it was up for a while: start the backoff again
-                delay, failures = BACKOFF_FIRST_SECONDS, 0
-            self.problem = reason
-            failures += 1
-            self.bridge.topology_suspect()  # in a cluster: maybe a failover or a resharding
-            wait = random.uniform(delay / 2, delay)
-            level = logging.WARNING if failures == 1 else logging.DEBUG
-            log.log(level, "redis %s unavailable: %s; reconnecting in %.2fs",
-                    self.endpoint.shown, reason, wait)
-            await trio.sleep(wait)
-            delay = min(delay * 2, BACKOFF_MAX_SECONDS)
-
-    async def _session(self) -> str:
-        """Connect, serve until a connection is lost, and return why it ended."""
-        node = self.bridge.node_id
-        try:
-            cmd = await Link.open(self.endpoint, f"relay-{node}-cmd")
-        except (OSError, trio.TooSlowError, trio.BrokenResourceError, ConnectionLost) as exc:
-            return _describe(exc)
-        try:
-            sub = await Link.open(self.endpoint, f"relay-{node}-sub")
-        except (OSError, trio.TooSlowError, trio.BrokenResourceError, ConnectionLost) as exc:
-            await cmd.aclose()
-            return _describe(exc)
-        lost: list[str] = []
-        try:
-            try:
-                with trio.fail_after(PING_TIMEOUT_SECONDS):
-                    self.publish_sha = (await cmd.call(("SCRIPT", "LOAD", PUBLISH_LUA))).decode()
-                    self.history_sha = (await cmd.call(("SCRIPT", "LOAD", HISTORY_LUA))).decode()
-            except (OSError, trio.TooSlowError, trio.BrokenResourceError, ConnectionLost) as exc:
-                return _describe(exc)
-            self.pipeline = Pipeline(cmd, MAX_PENDING_COMMANDS)
-            self.pubsub = PubSub(sub, partial(self.bridge.on_message, self), sharded=self.bridge.cluster)
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                nursery.start_soon(self._guard, self.pipeline.run, lost, nursery.cancel_scope)
-                nursery.start_soon(self._guard, self.pubsub.run, lost, nursery.cancel_scope)
-                nursery.start_soon(self._guard, self._heartbeat, lost, nursery.cancel_scope)
-                self._failed = None
-                self.up, self.problem = True, None
-                self.connects += 1
-                log.info("redis %s connected", self.endpoint.shown)
-                self.bridge.shard_up(self)
-        finally:
-            self.up = False
-            # (said before the awaits below: /readyz may ask meanwhile)
-            self.problem = lost[0] if lost else (self._failed or "connection closed")
-            self._nursery = None
-            if self.pipeline is not None:
-                self.pipeline.close(lost[0] if lost else "connection closed")
-            self.pipeline = self.pubsub = None
-            self.bridge.shard_down(self)
-            await cmd.aclose()
-            await sub.aclose()
-        return lost[0] if lost else (self._failed or "connection closed")
-
-    @staticmethod
-    async def _guard(fn: Callable[[], Any], lost: list[str], scope: trio.CancelScope) -> None:
-        try:
-            await fn()
-        except (OSError, ConnectionLost, Unavailable, trio.TooSlowError) as exc:
-            lost.append(_describe(exc))
-        except Exception as exc:
-            # A bug of ours while handling what Redis sent: logged with its traceback, and
-            # the shard reconnects (and catches up from the streams) instead of the node dying.
-            log.exception("redis connection task failed")
-            lost.append(f"internal error: {exc!r}")
-        finally:
-            scope.cancel()
-
-    async def _heartbeat(self) -> None:
-        assert self.pipeline is not None and self.pubsub is not None
-        pipeline, pubsub = self.pipeline, self.pubsub
-        while True:
-            await trio.sleep(PING_EVERY_SECONDS)
-            pong = pubsub.ping()
-            with trio.move_on_after(PING_TIMEOUT_SECONDS) as scope:
-                await pipeline.call("PING")
-                await pong.wait()
-            if scope.cancelled_caught:
-                raise ConnectionLost(f"no answer to PING within {PING_TIMEOUT_SECONDS:g}s")
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, trio.TooSlowError):
-        return "timed out"
-    if isinstance(exc, Unavailable):
-        return exc.message
-    text = str(exc) or type(exc).__name__
-    return text
 
 
 class RedisChannel:
