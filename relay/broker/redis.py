@@ -9,7 +9,7 @@ a callback. Connection URLs are parsed by redis-py (``redis.connection.parse_url
 ``redis://``, ``rediss://``, a user, a password and a database number mean what they
 mean to every other Redis client.
 
-It never reconnects by itself: the owner (:class:`relay.broker.bridge.Shard`) runs
+It never reconnects by itself: the owner (:class:`relay.broker.shard.Shard`) runs
 :meth:`Pipeline.run` / :meth:`PubSub.run`, and when either returns with an error, opens
 new ones. Every buffer here is bounded by the caller's ``max_pending``.
 """
