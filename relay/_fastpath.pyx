@@ -602,10 +602,14 @@ A connection's bounded queue of encoded frames, drained by its writer task.
                     self._supersede(slot)
                     del self._slots[key]
                 self._size += n - len(held)
+                # Moved to the end: held values leave in the order of their offsets.
+                del self._conflated[key]
                 self._conflated[key] = frame
                 self.conflated += 1
                 return _RES_CONFLATED
-            if self._size - freed + n > self._limit:
+            # Once one value is held, so is every later one (per key): the held values then
+            # all come after the queued frames, so offsets never go backwards on the wire.
+            if len(self._conflated) != 0 or self._size - freed + n > self._limit:
                 if slot >= 0:
                     self._supersede(slot)
                     del self._slots[key]

@@ -332,10 +332,14 @@ class Outbox:
                     self._supersede(slot)
                     del self._slots[key]
                 self._size += n - len(held)
+                # Moved to the end: held values leave in the order of their offsets.
+                del self._conflated[key]
                 self._conflated[key] = frame
                 self.conflated += 1
                 return OFFER_CONFLATED
-            if self._size - freed + n > self.limit:
+            # Once one value is held, so is every later one (per key): the held values then
+            # all come after the queued frames, so offsets never go backwards on the wire.
+            if self._conflated or self._size - freed + n > self.limit:
                 if slot >= 0:
                     self._supersede(slot)
                     del self._slots[key]
