@@ -53,7 +53,7 @@ from ..core.codec import JsonCodec, check_json_compatible, dumps_json, loads_jso
 from ..core.envelope import Since, validate_channel
 from ..core.ratelimit import MessageLimiter, Verdict
 from ..errors import BadRequest, Forbidden, PeerError, Unauthorized, Unavailable
-from .http_api import JSON_TYPE, Response, error_response, json_response
+from .http_api import JSON_TYPE, Response, error_response, json_response, read_publish_body
 from .security import CLOSE_RATE_LIMITED, Guard, header, peer_ip
 from .ws import CLOSE_GRACE_SECONDS
 
@@ -500,15 +500,7 @@ async def _publish(server: RelayServer, target: bytes, body: bytes, headers: Seq
     if refusal is not None:
         return refusal
     try:
-        try:
-            obj = loads_json(body)
-        except (ValueError, RecursionError) as exc:
-            raise BadRequest(f"body is not valid JSON: {exc}") from None
-        if not isinstance(obj, dict):
-            raise BadRequest("body must be a JSON object with channel and data")
-        if "data" not in obj:
-            raise BadRequest("body needs a data field")
-        channel = validate_channel(obj.get("channel"), server.config.max_channel_length)
+        channel, obj = read_publish_body(body, server.config.max_channel_length)
         options = server.config.channel_options(channel)
         if not options.client_publish:
             raise Forbidden(f"clients may not publish to {channel!r}; its channel pattern "

@@ -100,17 +100,26 @@ def _not_allowed(allowed: str) -> Response:
     return r
 
 
+def read_publish_body(body: bytes, max_channel_length: int) -> tuple[str, dict[str, Any]]:
+    """Parse a publish request's body ``{"channel": C, "data": D}``: the channel and the object.
+
+    Raises:
+        BadRequest: not JSON, not an object, no ``data``, or an invalid channel name.
+    """
+    try:
+        obj = loads_json(body)
+    except (ValueError, RecursionError) as exc:
+        raise BadRequest(f"body is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise BadRequest("body must be a JSON object with channel and data")
+    if "data" not in obj:
+        raise BadRequest("body needs a data field")
+    return validate_channel(obj.get("channel"), max_channel_length), obj
+
+
 async def _publish(server: RelayServer, body: bytes) -> Response:
     try:
-        try:
-            obj = loads_json(body)
-        except (ValueError, RecursionError) as exc:
-            raise BadRequest(f"body is not valid JSON: {exc}") from None
-        if not isinstance(obj, dict):
-            raise BadRequest("body must be a JSON object with channel and data")
-        if "data" not in obj:
-            raise BadRequest("body needs a data field")
-        channel = validate_channel(obj.get("channel"), server.config.max_channel_length)
+        channel, obj = read_publish_body(body, server.config.max_channel_length)
         check_json_compatible(obj["data"])
         server.hub.check_publish(channel, obj["data"])
     except PeerError as exc:
