@@ -88,6 +88,12 @@ class Metrics:
             "relay_messages_received_total",
             "Client messages received, by type and encoding (http: the fallback endpoints).",
             ["type", "encoding"], registry=r)
+        self.messages_out = Counter(
+            "relay_messages_sent_total",
+            "Messages sent to clients other than channel deliveries (relay_deliveries_total): "
+            "answers by type (welcome, subscribed, ack, pong, error, ...) and recovered history "
+            "(recovered), by encoding.", ["type", "encoding"], registry=r)
+        self._out_children: dict[tuple[str, str], Any] = {}
         self.published = Counter(
             "relay_publications_total", "Messages published, by transport.",
             ["transport"], registry=r)
@@ -153,6 +159,13 @@ class Metrics:
         self.send_queue.set_function(lambda: float(sum(queue_sizes())))
         self.send_queue_max.set_function(lambda: float(max(queue_sizes(), default=0)))
         self.client_addresses.set_function(lambda: float(addresses()))
+
+    def sent(self, kind: str, encoding: str, n: int = 1) -> None:
+        """Count ``n`` messages of type ``kind`` sent in ``encoding`` (answers, recovered history)."""
+        child = self._out_children.get((kind, encoding))
+        if child is None:
+            child = self._out_children[(kind, encoding)] = self.messages_out.labels(kind, encoding)
+        child.inc(n)
 
     def bind_redis(self, shards: Callable[[], list[tuple[str, bool, int]]]) -> None:
         """Export the Redis bridge's state (``shards()``: address, up, connects per shard)

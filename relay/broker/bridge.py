@@ -653,8 +653,13 @@ class RedisBridge:
             "type": "subscribed", "channel": ch.name, "epoch": ch.log.epoch,
             "offset": max(cursor, live), "recovered": recovered,
         }, ref)))
+        if metrics is not None:
+            metrics.sent("subscribed", sub.codec.name)
+            if follow:
+                metrics.sent("recovered", sub.codec.name, len(follow))
         for pub in follow:
-            out.put(ch.frame(pub, enc))
+            # (A state channel's value: a newer one in the same tick replaces it.)
+            out.put(ch.frame(pub, enc), ch.name if mode == "state" else None)
         if cursor < live:
             # History could not reach the live stream (it moved on too fast): say so.
             out.put(sub.codec.frame({"type": "gap", "channel": ch.name, "from": cursor + 1, "to": live}))

@@ -325,6 +325,10 @@ class Hub:
             "type": "subscribed", "channel": name, "epoch": log.epoch,
             "offset": log.offset, "recovered": recovered,
         }, ref)))
+        if self._metrics is not None:
+            self._metrics.sent("subscribed", sub.codec.name)
+            if follow:
+                self._metrics.sent("recovered", sub.codec.name, len(follow))
         for pub in follow:
             # (A state channel's value: a newer one in the same tick replaces it.)
             out.put(ch.frame(pub, enc), name if mode == "state" else None)

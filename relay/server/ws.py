@@ -204,6 +204,7 @@ class Connection:
     def send(self, message: dict[str, Any]) -> None:
         """Queue a direct answer (never dropped by the slow-consumer policy)."""
         self.outbox.put(self.codec.frame(message))
+        self.server.metrics.sent(message["type"], self.codec.name)
         self.wake()
 
     def send_error(self, code: str, message: str, ref: envelope.Ref = None) -> None:

@@ -154,6 +154,12 @@ async def test_metrics_count_connections_publications_and_deliveries() -> None:
             assert 'relay_messages_received_total{encoding="json",type="publish"} 1.0' in lines
             assert 'relay_messages_received_total{encoding="msgpack",type="subscribe"} 1.0' in lines
             assert 'relay_messages_received_total{encoding="json",type="invalid"} 1.0' in lines
+            # answers sent, by type and encoding (deliveries are counted above)
+            assert 'relay_messages_sent_total{encoding="json",type="welcome"} 1.0' in lines
+            assert 'relay_messages_sent_total{encoding="msgpack",type="welcome"} 1.0' in lines
+            assert 'relay_messages_sent_total{encoding="msgpack",type="subscribed"} 1.0' in lines
+            assert 'relay_messages_sent_total{encoding="json",type="ack"} 1.0' in lines
+            assert 'relay_messages_sent_total{encoding="json",type="error"} 1.0' in lines
             sent = {line.split()[0]: float(line.split()[1]) for line in lines if line.startswith("relay_sent_bytes_total")}
             received = {line.split()[0]: float(line.split()[1]) for line in lines if line.startswith("relay_received_bytes_total")}
             assert set(sent) == {'relay_sent_bytes_total{encoding="json"}', 'relay_sent_bytes_total{encoding="msgpack"}',
