@@ -512,7 +512,9 @@ async def _handshake(server: RelayServer, nursery: trio.Nursery,
         return None
     if server.draining:
         metrics.handshakes_refused.labels("draining").inc()
-        await ws_request.reject(503, body=b"server is draining; retry on another node\n")
+        # Retry-After: another node (behind the same address) can take it at once.
+        await ws_request.reject(503, extra_headers=[(b"Retry-After", b"1")],
+                                body=b"server is draining; retry on another node\n")
         return None
     chosen = codec.subprotocol if ws_request.proposed_subprotocols else None
     ws = await ws_request.accept(subprotocol=chosen)
