@@ -89,6 +89,22 @@ class RelayServer:
         self._nursery: trio.Nursery | None = None
         self._listen_scope = trio.CancelScope()
         self._emptied = trio.Event()
+        self._broker_seen_up = False
+
+    def starting(self) -> str | None:
+        """Why new WebSocket clients are refused at start (None once they are welcome).
+
+        With Redis, until it has been reachable once: a client let in before could not
+        subscribe or publish, so it is sent to another node (503, Retry-After: 1). Once
+        Redis was up, a later outage does not refuse clients (they get ``unavailable``
+        per request, and recover when it is back).
+        """
+        if self._broker_seen_up or self.hub.broker is None:
+            return None
+        problem = self.hub.broker.problem()
+        if problem is None:
+            self._broker_seen_up = True
+        return problem
 
     def not_ready(self) -> str | None:
         """Why ``/readyz`` answers 503 (draining, or Redis unreachable), or None."""

@@ -516,6 +516,12 @@ async def _handshake(server: RelayServer, nursery: trio.Nursery,
         await ws_request.reject(503, extra_headers=[(b"Retry-After", b"1")],
                                 body=b"server is draining; retry on another node\n")
         return None
+    starting = server.starting()
+    if starting is not None:
+        metrics.handshakes_refused.labels("starting").inc()
+        await ws_request.reject(503, extra_headers=[(b"Retry-After", b"1")], body=(
+            f"server is starting: {starting}; retry on another node\n").encode())
+        return None
     chosen = codec.subprotocol if ws_request.proposed_subprotocols else None
     ws = await ws_request.accept(subprotocol=chosen)
     _release_handshake_state(ws)
