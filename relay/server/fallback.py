@@ -49,7 +49,7 @@ import trio
 
 from .. import fastpath, logs
 from ..core.auth import Identity
-from ..core.codec import JsonCodec, check_json_compatible, dumps_json, loads_json
+from ..core.codec import JsonCodec, dumps_json, loads_json
 from ..core.envelope import Since, validate_channel
 from ..core.ratelimit import MessageLimiter, Verdict
 from ..errors import BadRequest, Forbidden, PeerError, Unauthorized, Unavailable
@@ -507,7 +507,6 @@ async def _publish(server: RelayServer, target: bytes, body: bytes, headers: Seq
                             f"{options.pattern!r} has client_publish = false")
         if not identity.permissions.may_publish(channel):
             raise Forbidden(f"your token does not allow publishing to {channel!r}")
-        check_json_compatible(obj["data"])
         server.hub.check_publish(channel, obj["data"])
     except PeerError as exc:
         server.metrics.errors.labels(exc.code).inc()

@@ -14,7 +14,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import trio
 
-from ..core.codec import check_json_compatible, dumps_json, loads_json
+from ..core.codec import dumps_json, loads_json
 from ..core.envelope import validate_channel
 from ..errors import BadRequest, PeerError, Unavailable
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -120,7 +120,6 @@ def read_publish_body(body: bytes, max_channel_length: int) -> tuple[str, dict[s
 async def _publish(server: RelayServer, body: bytes) -> Response:
     try:
         channel, obj = read_publish_body(body, server.config.max_channel_length)
-        check_json_compatible(obj["data"])
         server.hub.check_publish(channel, obj["data"])
     except PeerError as exc:
         return error_response(_STATUS_BY_CODE.get(exc.code, 400), exc.code, exc.message)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .. import fastpath, logs
-from ..core.codec import CODECS, Codec
+from ..core.codec import CODECS, Codec, check_json_compatible
 from ..core.envelope import Ref, Since
 from ..broker import HistoryView, PublishResult
 from ..core.history import ChannelLog, Publication
@@ -201,11 +201,15 @@ class Hub:
         return ch, pub
 
     def check_publish(self, name: str, data: Any) -> None:
-        """Refuse ``data`` that channel ``name`` cannot carry (see :func:`conflation_key`).
+        """Refuse ``data`` that channel ``name`` cannot carry; every publish path calls this
+        before :meth:`submit` or :meth:`publish_wait`, so nothing refused gets an offset.
 
         Raises:
-            BadRequest: the channel conflates by a field that ``data`` lacks.
+            BadRequest: some subscriber could not receive ``data``
+                (:func:`~relay.core.codec.check_json_compatible`), or the channel conflates
+                by a field that ``data`` lacks (:func:`conflation_key`).
         """
+        check_json_compatible(data)
         conflation_key(self._config.channel_options(name), name, data)
 
     def submit(self, name: str, data: Any, now: float, done: PublishDone) -> None:
@@ -214,11 +218,11 @@ class Hub:
         In memory ``done`` is called before this returns; with Redis, once Redis
         answered (publishes queued in one scheduling pass leave in one pipelined write).
 
+        ``data`` must have passed :meth:`check_publish`.
+
         Raises:
-            BadRequest: the channel cannot carry ``data`` (:meth:`check_publish`).
             Unavailable: Redis is unreachable or overloaded right now (``done`` is not called).
         """
-        self.check_publish(name, data)
         if self.broker is not None:
             self.broker.submit(name, data, now, self._timed(done))
             return
@@ -228,14 +232,14 @@ class Hub:
     async def publish_wait(self, name: str, data: Any, now: float) -> PublishResult:
         """Publish ``data`` to ``name`` and return its epoch and offset.
 
+        ``data`` must have passed :meth:`check_publish`.
+
         Raises:
-            BadRequest: the channel cannot carry ``data`` (:meth:`check_publish`).
             Unavailable: Redis is unreachable, overloaded, or the connection was lost
                 before it answered (the message may or may not have been published).
 
         If cancelled after the message was sent to Redis, it is still published.
         """
-        self.check_publish(name, data)
         if self.broker is None:
             ch, pub = self.publish(name, data, now)
             return PublishResult(name, ch.log.epoch, pub.offset, pub.trace, pub.ingress)

@@ -32,7 +32,7 @@ from wsproto.connection import ConnectionState
 
 from .. import fastpath
 from ..core import envelope
-from ..core.codec import Codec, check_json_compatible
+from ..core.codec import Codec
 from ..core.auth import ANONYMOUS, Identity
 from ..broker import PublishResult
 from ..errors import Forbidden, PeerError, RelayError, Unavailable
@@ -432,7 +432,6 @@ class Connection:
                     f"{ch_opts.pattern!r} has client_publish = false", ref=env.ref)
             self.guard.check_publish(env.channel, env.ref)
             try:
-                check_json_compatible(env.data)
                 server.hub.check_publish(env.channel, env.data)
             except PeerError as exc:
                 exc.ref = env.ref

@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import trio
-from prometheus_client.parser import text_string_to_metric_families
+
+from server.test_security_metrics import samples
 
 from .conftest import http, redis_server, relay_nodes, wait_ready
 
@@ -14,11 +15,7 @@ from .conftest import http, redis_server, relay_nodes, wait_ready
 async def _samples(node) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:  # type: ignore[no-untyped-def]
     status, text = await http(node, "GET", "/metrics")
     assert status == 200
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
+    return samples(text)
 
 
 async def test_redis_state_reconnections_and_publish_latency_are_exported(tmp_path: Path) -> None:
