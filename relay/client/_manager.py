@@ -16,6 +16,7 @@ import math
 import random
 import ssl
 import sys
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -427,11 +428,17 @@ class _ConnectionManager(_ClientBase):
                 sub._duplicates += 1
                 return
             current = sub._cursor.epoch or ""
+            received = time.time()
+            stamp = msg.get("ts")
+            ts = None
+            if isinstance(stamp, int) and not isinstance(stamp, bool):
+                ts = stamp / 1_000_000
+                sub._latencies.append(received - ts)
             item: Message | Poke
             if kind == "message":
-                item = Message(channel, offset, msg.get("data"), current)
+                item = Message(channel, offset, msg.get("data"), current, ts, received)
             else:
-                item = Poke(channel, offset, current)
+                item = Poke(channel, offset, current, None, ts, received)
             if sub._has_room():
                 sub._append(item)
                 return

@@ -37,7 +37,16 @@ class SubscriptionStatistics:
     delivered: int
     #: Messages dropped because this subscription already had their offset.
     duplicates: int
+    #: End-to-end latency (seconds from the server's ``ts`` to receipt here) of the
+    #: latest messages (up to 1,024): median, 99th percentile and maximum; None before
+    #: the first stamped message.
+    latency_p50: float | None = None
+    latency_p99: float | None = None
+    latency_max: float | None = None
 
+
+#: How many of a subscription's latest latencies its statistics summarise.
+LATENCY_WINDOW = 1024
 
 
 class _Stopped(Exception):
@@ -80,6 +89,8 @@ class Subscription:
         self._confirmed_ok = False
         self._delivered = 0
         self._duplicates = 0
+        #: End-to-end latencies of the latest stamped messages (seconds).
+        self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
 
     def __repr__(self) -> str:
         return f"<Subscription {self.channel!r} at {self.position}>"
@@ -95,8 +106,13 @@ class Subscription:
         return self._cursor.since()
 
     def statistics(self) -> SubscriptionStatistics:
+        p50 = p99 = top = None
+        if self._latencies:
+            ordered = sorted(self._latencies)
+            n = len(ordered)
+            p50, p99, top = ordered[(n - 1) // 2], ordered[min(n - 1, (n * 99) // 100)], ordered[-1]
         return SubscriptionStatistics(self.channel, self._messages, self._capacity,
-                                      self._delivered, self._duplicates)
+                                      self._delivered, self._duplicates, p50, p99, top)
 
     def __aiter__(self) -> Subscription:
         return self

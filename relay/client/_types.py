@@ -6,7 +6,7 @@ All frozen dataclasses (and one enum); no trio, no I/O.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Union
 
 from ._errors import ClientClosed, MessagesLost
@@ -37,33 +37,61 @@ class Position:
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """A message of a channel, delivered in offset order, each one once."""
+    """A message of a channel, delivered in offset order, each one once.
+
+    ``ts`` is when the server took the publish (unix seconds, stamped at ingress by the
+    node the publisher used; None from a server that sends no ``ts``); ``received`` is when
+    this client read it (unix seconds). :attr:`latency` is the difference: end-to-end
+    latency, meaningful across machines as far as their clocks agree. Neither takes part
+    in comparisons: two deliveries of one message are equal.
+    """
 
     channel: str
     offset: int
     data: Any
     epoch: str
+    ts: float | None = field(default=None, compare=False)
+    received: float | None = field(default=None, compare=False)
 
     @property
     def position(self) -> Position:
         return Position(self.epoch, self.offset)
+
+    @property
+    def latency(self) -> float | None:
+        """Seconds from the publish (``ts``) to its receipt here, or None without ``ts``."""
+        return _latency(self.ts, self.received)
 
 
 @dataclass(frozen=True, slots=True)
 class Poke:
     """On a ``poke`` channel: new data up to ``offset``; fetch it over HTTP (history endpoint).
 
-    ``data`` is always None (it is there so ``msg.data`` works on either kind).
+    ``data`` is always None (it is there so ``msg.data`` works on either kind); ``ts``,
+    ``received`` and :attr:`latency` as on :class:`Message`.
     """
 
     channel: str
     offset: int
     epoch: str
     data: None = None
+    ts: float | None = field(default=None, compare=False)
+    received: float | None = field(default=None, compare=False)
 
     @property
     def position(self) -> Position:
         return Position(self.epoch, self.offset)
+
+    @property
+    def latency(self) -> float | None:
+        """Seconds from the publish (``ts``) to its receipt here, or None without ``ts``."""
+        return _latency(self.ts, self.received)
+
+
+def _latency(ts: float | None, received: float | None) -> float | None:
+    if ts is None or received is None:
+        return None
+    return received - ts
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,12 @@ from typing import Any
 from ..fastpath import N_ENCODINGS
 
 
+def publish_us(ingress: float) -> int:
+    """A message's ``ts`` on the wire: its ingress (unix seconds) in whole unix
+    microseconds (an integer of 16 digits until the year 2286, exact in JavaScript)."""
+    return int(round(ingress * 1_000_000.0))
+
+
 @dataclass(slots=True)
 class Publication:
     """A message published to a channel, with its frames cached per encoding.

@@ -16,6 +16,7 @@ import trio
 
 from ..core.codec import dumps_json, loads_json
 from ..core.envelope import validate_channel
+from ..core.history import Publication, publish_us
 from ..errors import BadRequest, PeerError, Unavailable
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from . import stats
@@ -145,6 +146,14 @@ def _int_param(query: dict[str, list[str]], name: str, minimum: int) -> int | No
     return value
 
 
+def _publication(pub: Publication) -> dict[str, Any]:
+    """One entry of a history answer: offset, data and (when known) ``ts``."""
+    entry: dict[str, Any] = {"offset": pub.offset, "data": pub.data}
+    if pub.ingress:
+        entry["ts"] = publish_us(pub.ingress)
+    return entry
+
+
 async def _history(server: RelayServer, channel: str, query: dict[str, list[str]]) -> Response:
     try:
         validate_channel(channel, server.config.max_channel_length)
@@ -163,5 +172,5 @@ async def _history(server: RelayServer, channel: str, query: dict[str, list[str]
         "epoch": found.epoch,
         "offset": found.offset,
         "mode": found.mode,
-        "publications": [{"offset": p.offset, "data": p.data} for p in found.publications],
+        "publications": [_publication(p) for p in found.publications],
     })

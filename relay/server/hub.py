@@ -25,7 +25,7 @@ from .. import fastpath, logs
 from ..core.codec import CODECS, Codec, check_json_compatible
 from ..core.envelope import Ref, Since
 from ..broker import HistoryView, PublishResult
-from ..core.history import ChannelLog, Publication
+from ..core.history import ChannelLog, Publication, publish_us
 from ..errors import BadRequest, RelayError
 
 if TYPE_CHECKING:
@@ -91,6 +91,8 @@ class Channel:
                 msg = {"type": "message", "channel": self.name, "offset": pub.offset, "data": pub.data}
                 if pub.epoch:
                     msg["epoch"] = pub.epoch
+            if pub.ingress:
+                msg["ts"] = publish_us(pub.ingress)
             frame = pub.frames[encoding] = CODECS[encoding].frame(msg)
         return frame
 

@@ -40,7 +40,18 @@ const DEFAULTS = {
   probeInterval: 30000,    // ms between attempts to move back up the chain
   pollTimeout: 25000,      // ms a poll may wait on the server (the server caps it at poll_timeout)
   httpUrl: null,           // base URL of the HTTP endpoints; default: derived from the WebSocket URL
+  tickMs: 0,               // > 0: ask the server for ticks (?tick_ms=N, WebSocket only): one frame per tick
 };
+
+/** The tick intervals the server accepts (ms; relay/server/ws.py MIN_TICK_MS, MAX_TICK_MS). */
+const MIN_TICK_MS = 10;
+const MAX_TICK_MS = 1000;
+
+/** How many of a subscription's latest end-to-end latencies `latency()` summarises. */
+const LATENCY_WINDOW = 1024;
+
+/** Unix time in milliseconds with sub-millisecond precision where the browser gives it. */
+const nowMs = () => (globalThis.performance && performance.timeOrigin ? performance.timeOrigin + performance.now() : Date.now());
 
 /** Base class of every error this module rejects or throws with. */
 export class RelayError extends Error {
@@ -192,6 +203,8 @@ export class Subscription {
     this._active = true;
     this.delivered = 0;
     this.duplicates = 0;
+    this._latencies = [];      // ring of the latest LATENCY_WINDOW latencies (ms)
+    this._nextLatency = 0;
     this.ready = new Promise((resolve, reject) => { this._resolve = resolve; this._reject = reject; });
     this.ready.catch(() => {});  // (a page that never awaits `ready` gets no unhandled rejection)
   }
@@ -206,6 +219,24 @@ export class Subscription {
   }
 
   get active() { return this._active; }
+
+  /**
+   * End-to-end latency of the latest messages (up to 1,024): from the server's publish
+   * stamp (`ts`) to their arrival here, in milliseconds, as {count, p50, p99, max}; null
+   * before the first stamped message. Across machines it is as good as their clocks agree.
+   */
+  latency() {
+    const n = this._latencies.length;
+    if (!n) return null;
+    const sorted = [...this._latencies].sort((a, b) => a - b);
+    return { count: n, p50: sorted[Math.floor((n - 1) / 2)], p99: sorted[Math.min(n - 1, Math.floor((n * 99) / 100))], max: sorted[n - 1] };
+  }
+
+  _recordLatency(ms) {
+    if (this._latencies.length < LATENCY_WINDOW) this._latencies.push(ms);
+    else this._latencies[this._nextLatency] = ms;
+    this._nextLatency = (this._nextLatency + 1) % LATENCY_WINDOW;
+  }
 
   /** Leave the channel: no more messages are delivered. */
   unsubscribe() {
@@ -238,6 +269,7 @@ class WebSocketTransport {
     const r = this.relay;
     let url = r.url;
     if (r._token) url += (url.includes("?") ? "&" : "?") + "token=" + encodeURIComponent(r._token);
+    if (r.options.tickMs) url += (url.includes("?") ? "&" : "?") + "tick_ms=" + r.options.tickMs;
     let ws;
     try {
       ws = this.ws = new WebSocket(url, [SUBPROTOCOL]);
@@ -248,24 +280,33 @@ class WebSocketTransport {
     this.timer = setTimeout(() => this.abort(CLOSE_ABNORMAL, `no welcome within connectTimeout=${r.options.connectTimeout}ms`),
                             r.options.connectTimeout);
     ws.onmessage = (e) => {
-      let msg;
-      try { msg = JSON.parse(e.data); } catch { this.abort(1002, "undecodable message from the server"); return; }
+      let parsed;
+      try { parsed = JSON.parse(e.data); } catch { this.abort(1002, "undecodable message from the server"); return; }
       this.alive();
-      if (msg.type === "welcome") {
-        clearTimeout(this.timer);
-        this.heartbeat = (msg.heartbeat > 0 ? msg.heartbeat * 1000 : 25000);
-        this.opened = true;
-        this.pinger = setInterval(() => this.ping(), this.heartbeat);
-        r._opened(this, msg);
-      } else if (msg.type === "pong") {
-        this.answer(msg);
-      } else if (msg.ref !== undefined && this.pending.has(msg.ref)) {
-        this.answer(msg);
-      } else {
-        r._handle(this, msg);
-      }
+      // On a ticked connection one frame holds an array of messages, in order.
+      if (Array.isArray(parsed)) { for (const msg of parsed) { if (this.ended) return; this.receive(msg); } }
+      else this.receive(parsed);
     };
     ws.onclose = (e) => this.end({ code: this.opened ? e.code : null, reason: e.reason || (this.opened ? "connection lost" : "the WebSocket did not open") });
+  }
+
+  /** One message from the server. */
+  receive(msg) {
+    const r = this.relay;
+    if (msg === null || typeof msg !== "object") { this.abort(1002, "a message from the server is not an object"); return; }
+    if (msg.type === "welcome") {
+      clearTimeout(this.timer);
+      this.heartbeat = (msg.heartbeat > 0 ? msg.heartbeat * 1000 : 25000);
+      this.opened = true;
+      this.pinger = setInterval(() => this.ping(), this.heartbeat);
+      r._opened(this, msg);
+    } else if (msg.type === "pong") {
+      this.answer(msg);
+    } else if (msg.ref !== undefined && this.pending.has(msg.ref)) {
+      this.answer(msg);
+    } else {
+      r._handle(this, msg);
+    }
   }
 
   alive() { this.lastSeen = Date.now(); }
@@ -572,6 +613,9 @@ export class Relay extends EventTarget {
     if (!(o.maxBackoff >= o.minBackoff)) throw new RangeError("maxBackoff must be >= minBackoff");
     if (!Number.isInteger(o.maxOfflineQueue) || o.maxOfflineQueue < 0) throw new RangeError("maxOfflineQueue must be an integer >= 0");
     if (!Number.isInteger(o.fallbackAfter) || o.fallbackAfter < 1) throw new RangeError("fallbackAfter must be an integer >= 1");
+    if (!Number.isInteger(o.tickMs) || (o.tickMs !== 0 && (o.tickMs < MIN_TICK_MS || o.tickMs > MAX_TICK_MS))) {
+      throw new RangeError(`tickMs must be 0 (no ticks) or an integer from ${MIN_TICK_MS} to ${MAX_TICK_MS}, got ${o.tickMs}`);
+    }
     this._chain = [...o.transports];
     if (!this._chain.length || this._chain.some((t) => !TRANSPORTS.includes(t))) {
       throw new RangeError(`transports must list some of ${TRANSPORTS.join(", ")}, got ${JSON.stringify(o.transports)}`);
@@ -935,8 +979,14 @@ export class Relay extends EventTarget {
         if (lost) this._lost(sub, lost);
         if (!deliver) { sub.duplicates += 1; return; }
         sub.delivered += 1;
+        // ts: the server's publish stamp (unix µs on the wire), here in ms like Date.now().
+        const received = nowMs();
+        const ts = Number.isInteger(msg.ts) ? msg.ts / 1000 : null;
+        const latency = ts === null ? null : received - ts;
+        if (latency !== null) sub._recordLatency(latency);
         this._call(sub._onMessage, { channel: msg.channel, offset: msg.offset, epoch: sub._cursor.epoch,
-                                     data: msg.type === "poke" ? null : msg.data, poke: msg.type === "poke" });
+                                     data: msg.type === "poke" ? null : msg.data, poke: msg.type === "poke",
+                                     ts, received, latency });
         return;
       }
       case "gap": {

@@ -340,3 +340,33 @@ async def test_restart_with_redis_behind_loses_nothing(chromium: Chromium, tmp_p
     assert received == [(1, 1), (2, 2), (3, 3), (4, 4), (5, "queued"), (6, 5)]
     assert ack["offset"] == 5 and lost == []
     assert subscribed[-1]["recovered"] is True and subscribed[-1]["epoch"] == subscribed[0]["epoch"]
+
+
+async def test_ticks_and_publish_stamps_in_the_browser(chromium: Chromium) -> None:
+    """With ``tickMs`` the page asks for ticks (``?tick_ms=``) and unpacks the array frames;
+    every message carries the server's publish stamp (ms) and its end-to-end latency."""
+    with trio.fail_after(30):
+        async with running_server() as server, open_page(chromium, f"{server.http_url}/client.js") as page:
+            error = await page.eval(
+                "([url]) => { try { new relayModule.Relay(url, {tickMs: 5}); return null; } catch (e) { return [e.name, e.message]; } }",
+                [server.url])
+            assert error is not None and error[0] == "RangeError" and "tickMs" in error[1]
+            await page.eval("([url]) => start(url, {tickMs: 50})", [server.url])
+            await page.wait("relay.status === 'connected'")
+            assert [c.tick_ms for c in server.connections.values()] == [50]
+            await page.eval("""() => { window.got = [];
+                window.t = relay.subscribe('tick.feed', (m) => window.got.push([m.offset, m.data, m.ts, m.received, m.latency]));
+                return window.t.ready.then(() => 0); }""")
+            before_ms = time.time() * 1000
+            for n in range(20):
+                await http_publish(server.port, "tick.feed", n)
+            await page.wait("got.length === 20")
+            after_ms = time.time() * 1000
+            got = await page.eval("got")
+            assert [(offset, data) for offset, data, *_ in got] == [(n + 1, n) for n in range(20)]
+            stamps = [ts for _, _, ts, _, _ in got]
+            assert stamps == sorted(stamps) and before_ms - 1 <= stamps[0] and stamps[-1] <= after_ms + 1
+            for _, _, ts, received, latency in got:
+                assert abs(latency - (received - ts)) < 1e-6 and -5 < latency < after_ms - before_ms + 5
+            summary = await page.eval("t.latency()")
+            assert summary["count"] == 20 and summary["p50"] <= summary["p99"] <= summary["max"]

@@ -4,6 +4,7 @@ state channels, backpressure, events, timeouts."""
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import pytest
@@ -369,3 +370,28 @@ async def test_poke_channel_yields_pokes() -> None:
             ack = await c.publish("orders.u1", {"id": 7})
             poke = await sub.__anext__()
             assert poke == Poke("orders.u1", 1, ack.epoch) and poke.data is None
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+async def test_messages_carry_the_publish_time_and_their_latency(encoding: str) -> None:
+    """``ts`` is the server's ingress stamp: between the publish call and the receipt, the
+    same on a live message and on the same message recovered later; latency = received - ts."""
+    with trio.fail_after(10):
+        async with running_server() as server, connect(server.url, encoding=encoding) as c:
+            await c.wait_connected()
+            sub = await c.subscribe("t")
+            await sub.wait_subscribed()
+            before = time.time()
+            ack = await c.publish("t", {"n": 1})
+            live = await sub.__anext__()
+            after = time.time()
+            assert live.ts is not None and live.received is not None and live.latency is not None
+            assert before - 0.001 <= live.ts <= live.received <= after + 0.001
+            assert live.latency == live.received - live.ts
+            stats = sub.statistics()
+            assert stats.latency_p50 is not None and stats.latency_p99 is not None
+            assert 0 <= stats.latency_p50 <= stats.latency_p99 <= stats.latency_max <= after - before + 0.002
+            async with connect(server.url, encoding=encoding) as d:
+                again = await d.subscribe("t", since=(ack.epoch, 0))
+                recovered = await again.__anext__()
+            assert recovered == live and recovered.ts == live.ts

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import trio
 
+from server.conftest import check_ts
 from .conftest import client, http, numsub, redis_server, relay_nodes
 
 
@@ -35,8 +36,10 @@ async def test_a_message_published_on_any_node_reaches_every_subscriber_in_both_
                 # One history, whichever node is asked.
                 histories = [await http(node, "GET", "/api/channels/chat/history") for node in (a, b, c)]
                 assert all(h == histories[0] for h in histories), histories
-                assert histories[0][1]["publications"] == [
-                    {"offset": 1, "data": {"n": 1}}, {"offset": 2, "data": [2, "two"]}]
+                pubs = histories[0][1]["publications"]
+                stamps = [check_ts(p) for p in pubs]
+                assert pubs == [{"offset": 1, "data": {"n": 1}}, {"offset": 2, "data": [2, "two"]}]
+                assert stamps[0] <= stamps[1], stamps
 
 
 async def test_concurrent_publishers_on_different_nodes_give_every_subscriber_the_same_order(

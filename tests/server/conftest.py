@@ -8,6 +8,7 @@ trio-websocket, speaking only the wire protocol.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -49,6 +50,24 @@ def start_server() -> Callable[..., Any]:
     return running_server
 
 
+def check_ts(entry: dict[str, Any]) -> int:
+    """Remove and return ``entry``'s publish time ``ts``, checked: an integer of unix
+    microseconds stamped at ingress (within the last hour, not in the future)."""
+    ts = entry.pop("ts", None)
+    assert isinstance(ts, int) and not isinstance(ts, bool), f"no integer ts in {entry}"
+    now_us = time.time() * 1_000_000
+    assert now_us - 3_600_000_000 < ts <= now_us + 1_000, (ts, now_us, entry)
+    return ts
+
+
+def pop_ts(msg: Any) -> Any:
+    """Check (:func:`check_ts`) and remove the ``ts`` of a ``message`` or ``poke``, so
+    tests can compare the rest exactly; anything else is returned as it is."""
+    if isinstance(msg, dict) and msg.get("type") in ("message", "poke"):
+        check_ts(msg)
+    return msg
+
+
 class Client:
     """A protocol-speaking client over the ``websockets`` trio client."""
 
@@ -64,13 +83,17 @@ class Client:
             await self.ws.send(json.dumps(message))
 
     async def recv(self, timeout: float = 5.0) -> dict[str, Any]:
+        """The next message; a ``message`` or ``poke`` must carry a plausible ``ts``,
+        which is checked and taken out (see :func:`pop_ts`)."""
         with trio.fail_after(timeout):
             raw = await self.ws.recv()
         if self.encoding == "msgpack":
             assert isinstance(raw, bytes), "msgpack connections get binary frames"
-            return msgpack.unpackb(raw)  # type: ignore[no-any-return]
-        assert isinstance(raw, str), "json connections get text frames"
-        return json.loads(raw)  # type: ignore[no-any-return]
+            msg = msgpack.unpackb(raw)
+        else:
+            assert isinstance(raw, str), "json connections get text frames"
+            msg = json.loads(raw)
+        return pop_ts(msg)  # type: ignore[no-any-return]
 
     async def request(self, message: dict[str, Any]) -> dict[str, Any]:
         await self.send(message)

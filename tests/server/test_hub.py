@@ -13,6 +13,8 @@ from relay.core.codec import CODECS, JSON, MSGPACK, Codec
 from relay.core.envelope import Since
 from relay.server.hub import Hub
 
+from .conftest import pop_ts
+
 
 class FakeSub:
     def __init__(self, codec: Codec = JSON, limit: int = 1 << 20) -> None:
@@ -39,7 +41,7 @@ class FakeSub:
             elif n == 127:
                 n, start = int.from_bytes(data[2:10], "big"), 10
             payload, data = data[start:start + n], data[start + n:]
-            out.append(self.codec.decode(payload.decode() if self.codec is JSON else payload))
+            out.append(pop_ts(self.codec.decode(payload.decode() if self.codec is JSON else payload)))
         return out
 
 

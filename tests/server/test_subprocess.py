@@ -25,6 +25,7 @@ from websockets.trio.client import ClientConnection, connect
 
 from relay.config import CONFIG_KEYS
 
+from .conftest import pop_ts
 from .test_bad_input import OP_CLOSE, RawSocket
 
 REPO = Path(__file__).resolve().parents[2]
@@ -148,7 +149,7 @@ async def test_serve_logs_where_it_listens_and_serves(tmp_path: Path) -> None:
                 ack = json.loads(await pub.recv())
                 assert ack == {"type": "ack", "ref": 2, "channel": "c", "offset": 1,
                                "epoch": subscribed["epoch"]}, ack
-                assert json.loads(await sub.recv()) == {"type": "message", "channel": "c", "offset": 1,
+                assert pop_ts(json.loads(await sub.recv())) == {"type": "message", "channel": "c", "offset": 1,
                                                         "data": {"hi": 1}}
             relay.proc.send_signal(signal.SIGTERM)
             assert await relay.proc.wait() == 0, relay.output
