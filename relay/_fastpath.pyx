@@ -405,6 +405,7 @@ A connection's bounded queue of encoded frames, drained by its writer task.
     cdef Py_ssize_t _plain      # frames at the head queued before batching began
     cdef dict _slots            # "latest" key -> index in _frames of its newest frame
     cdef public Py_ssize_t superseded
+    cdef public double oldest   # stamp of the oldest channel frame waiting; 0.0: none
 
     def __cinit__(self):
         # Containers exist before __init__ runs, so no method ever sees None.
@@ -438,6 +439,7 @@ A connection's bounded queue of encoded frames, drained by its writer task.
         self._plain = 0
         self._slots = {}
         self.superseded = 0
+        self.oldest = 0.0
 
     @property
     def holds(self):
@@ -548,7 +550,7 @@ A connection's bounded queue of encoded frames, drained by its writer task.
         self._size += n
         self.queued += 1
 
-    def offer(self, key, frame, policy, offset, latest=False):
+    def offer(self, key, frame, policy, offset, latest=False, double stamp=0.0):
         """Queue a channel frame, or apply ``policy`` when it does not fit.
 
         Args:
@@ -559,13 +561,23 @@ A connection's bounded queue of encoded frames, drained by its writer task.
             latest: on a batched outbox (ticks), keep only the newest frame of ``key``
                 in a batch: an older one still waiting is taken out (a state channel).
                 The policy's size check counts the bytes that removal frees.
+            stamp: when the message was handed out (any clock); becomes :attr:`oldest`
+                when nothing else waits and the frame is queued or held.
 
         Returns:
             One of the ``OFFER_*`` constants. On ``OFFER_OVERFLOW`` the outbox is
             closed and emptied; the caller must close the connection (4002).
         """
         cdef int code = _POL_UNDECODED
-        return self._offer(key, frame, policy, &code, offset, latest)
+        return self._offer(key, frame, policy, &code, offset, latest, stamp)
+
+    @property
+    def depth(self):
+        """Frames waiting: queued (a batch's replaced values not counted) and held."""
+        cdef Py_ssize_t n = PyList_GET_SIZE(self._frames) + len(self._conflated)
+        if self._batched:
+            n -= self._frames.count(None)
+        return n
 
     cdef int _supersede(self, Py_ssize_t i) except -1:
         """Take the frame at index ``i`` out of the batch (a newer one of its key came)."""
@@ -576,8 +588,15 @@ A connection's bounded queue of encoded frames, drained by its writer task.
         return 0
 
     cdef int _offer(self, object key, object frame, object policy, int* code,
-                    object offset, object latest) except -1:
+                    object offset, object latest, double stamp) except -1:
         """offer(); ``code`` caches the decoded policy across calls (fanout)."""
+        cdef int result = self._offer_frame(key, frame, policy, code, offset, latest)
+        if (result == _RES_QUEUED or result == _RES_CONFLATED) and self.oldest == 0.0:
+            self.oldest = stamp
+        return result
+
+    cdef int _offer_frame(self, object key, object frame, object policy, int* code,
+                          object offset, object latest) except -1:
         cdef Py_ssize_t n
         cdef Py_ssize_t slot = -1
         cdef Py_ssize_t freed = 0
@@ -644,11 +663,12 @@ A connection's bounded queue of encoded frames, drained by its writer task.
 
     def take(self):
         """Return the rest of a direct send, every queued frame, then every held conflated
-        value, and empty them.
+        value, and empty them (:attr:`oldest` becomes 0.0).
 
         On a batched outbox (:meth:`start_batching`) each run of data frames among them
         leaves as one batch frame (:func:`encode_batch`).
         """
+        self.oldest = 0.0
         if self._batched:
             return self._take_batch()
         cdef list frames = self._frames
@@ -712,6 +732,8 @@ A connection's bounded queue of encoded frames, drained by its writer task.
         rest = self._rest
         self._rest = b""
         self._size -= PyBytes_GET_SIZE(rest)
+        if PyList_GET_SIZE(self._frames) == 0 and len(self._conflated) == 0:
+            self.oldest = 0.0
         return rest
 
     def take_gaps(self):
@@ -731,6 +753,7 @@ A connection's bounded queue of encoded frames, drained by its writer task.
         self._slots = {}
         self._plain = 0
         self._size = PyBytes_GET_SIZE(self._rest)
+        self.oldest = 0.0
 
 
 # ---------------------------------------------------------------------------
@@ -825,13 +848,14 @@ cdef list _frames_by_encoding(Members members, frames):
 
 
 def fanout_into(Members members not None, frames, key, policy, offset, list dirty not None,
-                latest=False):
+                latest=False, double stamp=0.0):
     """Offer one message to every member and mark each touched outbox dirty.
 
     Like :func:`fanout`, but instead of returning the owners to wake, appends every
     outbox that accepted something to ``dirty`` (once: see :meth:`Outbox.mark_dirty`),
     for :func:`flush` to write at the end of the batch. Batched outboxes never join
-    ``dirty`` (their tick writes them); ``latest`` is passed to :meth:`Outbox.offer`.
+    ``dirty`` (their tick writes them); ``latest`` and ``stamp`` are passed to
+    :meth:`Outbox.offer`.
 
     Returns:
         The owners whose outbox overflowed under ``POLICY_DISCONNECT`` (close 4002).
@@ -853,7 +877,7 @@ def fanout_into(Members members not None, frames, key, policy, offset, list dirt
         frame = <object>PyList_GET_ITEM(by_encoding, box.encoding)
         if frame is None:
             raise ValueError(f"no frame for encoding {box.encoding}")
-        result = box._offer(key, frame, policy, &code, offset, latest)
+        result = box._offer(key, frame, policy, &code, offset, latest, stamp)
         if result == _RES_OVERFLOW:
             overflowed.append(box.owner)
         elif result != _RES_CLOSED and not box._dirty:
@@ -904,11 +928,13 @@ cdef Py_ssize_t _write_direct(Outbox box, list wake, long long* per_encoding) ex
     """Write what ``box`` holds with one non-blocking send; return the bytes written."""
     cdef Py_ssize_t n, length
     cdef bytes data
+    cdef double oldest
     if not box._pending():
         return 0
     if box.fd < 0 or box._holds or len(box._gaps) != 0:
         wake.append(box.owner)
         return 0
+    oldest = box.oldest
     data = box.take()
     length = PyBytes_GET_SIZE(data)
     n = send(box.fd, PyBytes_AS_STRING(data), <size_t>length, MSG_DONTWAIT | MSG_NOSIGNAL)
@@ -918,6 +944,7 @@ cdef Py_ssize_t _write_direct(Outbox box, list wake, long long* per_encoding) ex
     if n < length:
         box._rest = PyBytes_FromStringAndSize(PyBytes_AS_STRING(data) + n, length - n)
         box._size = length - n
+        box.oldest = oldest  # (its oldest frame has not left entirely)
         wake.append(box.owner)
     return n
 
@@ -984,7 +1011,7 @@ def fanout(Members members not None, frames, key, policy, offset):
             # another encoding after add(); the twin raises the same there.
             raise ValueError(f"no frame for encoding {box.encoding}")
         was_pending = box._pending()
-        result = box._offer(key, frame, policy, &code, offset, False)
+        result = box._offer(key, frame, policy, &code, offset, False, 0.0)
         if result == _RES_OVERFLOW:
             overflowed.append(box.owner)
         elif not was_pending and result != _RES_CLOSED:

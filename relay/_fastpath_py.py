@@ -166,6 +166,7 @@ class Outbox:
         "limit", "encoding", "owner", "_frames", "_size", "_closed",
         "_conflated", "_gaps", "dropped", "conflated", "queued",
         "fd", "_holds", "_dirty", "_rest", "_batched", "_plain", "_slots", "superseded",
+        "oldest",
     )
 
     def __init__(self, limit: int, encoding: int = ENC_JSON, owner: Any = None) -> None:
@@ -199,6 +200,9 @@ class Outbox:
         self._plain = 0
         self._slots: dict[Any, int] = {}
         self.superseded = 0
+        #: The ``stamp`` given with the oldest channel frame still waiting (queued or held
+        #: by conflation; see :meth:`offer`); 0.0 when none waits. The writer's lag.
+        self.oldest = 0.0
 
     @property
     def holds(self) -> int:
@@ -299,7 +303,8 @@ class Outbox:
         self._size -= len(old)
         self.superseded += 1
 
-    def offer(self, key: Any, frame: bytes, policy: int, offset: int, latest: bool = False) -> int:
+    def offer(self, key: Any, frame: bytes, policy: int, offset: int, latest: bool = False,
+              stamp: float = 0.0) -> int:
         """Queue a channel frame, or apply ``policy`` when it does not fit.
 
         Args:
@@ -310,6 +315,8 @@ class Outbox:
             latest: on a batched outbox (ticks), keep only the newest frame of ``key``
                 in a batch: an older one still waiting is taken out (a state channel).
                 The policy's size check counts the bytes that removal frees.
+            stamp: when the message was handed out (any clock); becomes :attr:`oldest`
+                when nothing else waits and the frame is queued or held.
 
         Returns:
             One of the ``OFFER_*`` constants. On ``OFFER_OVERFLOW`` the outbox is
@@ -317,6 +324,20 @@ class Outbox:
         """
         if self._closed:
             return OFFER_CLOSED
+        result = self._offer(key, frame, policy, offset, latest)
+        if (result == OFFER_QUEUED or result == OFFER_CONFLATED) and self.oldest == 0.0:
+            self.oldest = stamp
+        return result
+
+    @property
+    def depth(self) -> int:
+        """Frames waiting: queued (a batch's replaced values not counted) and held."""
+        n = len(self._frames) + len(self._conflated)
+        if self._batched:
+            n -= self._frames.count(None)
+        return n
+
+    def _offer(self, key: Any, frame: bytes, policy: int, offset: int, latest: bool) -> int:
         n = len(frame)
         slot = -1
         freed = 0
@@ -374,11 +395,12 @@ class Outbox:
 
     def take(self) -> bytes:
         """Return the rest of a direct send, every queued frame, then every held conflated
-        value, and empty them.
+        value, and empty them (:attr:`oldest` becomes 0.0).
 
         On a batched outbox (:meth:`start_batching`) each run of data frames among them
         leaves as one batch frame (:func:`encode_batch`).
         """
+        self.oldest = 0.0
         if self._batched:
             return self._take_batch()
         frames = self._frames
@@ -435,6 +457,8 @@ class Outbox:
         socket next must write it before anything else."""
         rest, self._rest = self._rest, b""
         self._size -= len(rest)
+        if not (self._frames or self._conflated):
+            self.oldest = 0.0
         return rest
 
     def take_gaps(self) -> list[tuple[Any, int, int]]:
@@ -455,6 +479,7 @@ class Outbox:
         self._slots = {}
         self._plain = 0
         self._size = len(self._rest)
+        self.oldest = 0.0
 
 
 class Members:
@@ -519,13 +544,15 @@ def fanout_into(
     offset: int,
     dirty: list[Outbox],
     latest: bool = False,
+    stamp: float = 0.0,
 ) -> list[Any]:
     """Offer one message to every member and mark each touched outbox dirty.
 
     Like :func:`fanout`, but instead of returning the owners to wake, appends every
     outbox that accepted something to ``dirty`` (once: see :meth:`Outbox.mark_dirty`),
     for :func:`flush` to write at the end of the batch. Batched outboxes never join
-    ``dirty`` (their tick writes them); ``latest`` is passed to :meth:`Outbox.offer`.
+    ``dirty`` (their tick writes them); ``latest`` and ``stamp`` are passed to
+    :meth:`Outbox.offer`.
 
     Returns:
         The owners whose outbox overflowed under ``POLICY_DISCONNECT`` (close 4002).
@@ -536,7 +563,7 @@ def fanout_into(
     _check_frames(members, frames)
     overflowed: list[Any] = []
     for box in members._items:
-        result = box.offer(key, frames[box.encoding], policy, offset, latest)
+        result = box.offer(key, frames[box.encoding], policy, offset, latest, stamp)
         if result == OFFER_OVERFLOW:
             overflowed.append(box.owner)
         elif result != OFFER_CLOSED and not box._dirty:
@@ -580,6 +607,7 @@ def _write_direct(box: Outbox, wake: list[Any], by_encoding: list[int] | None) -
     if box.fd < 0 or box._holds or box._gaps:
         wake.append(box.owner)
         return 0
+    oldest = box.oldest
     data = box.take()
     try:
         n = _write_fd(box.fd, data)
@@ -590,6 +618,7 @@ def _write_direct(box: Outbox, wake: list[Any], by_encoding: list[int] | None) -
     if n < len(data):
         box._rest = data[n:]
         box._size = len(box._rest)
+        box.oldest = oldest  # (its oldest frame has not left entirely)
         wake.append(box.owner)
     return n
 

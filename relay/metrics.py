@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeHistogramMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from . import fastpath
@@ -65,6 +65,42 @@ class _RedisCollector:
             up.add_metric([shard], 1.0 if is_up else 0.0)
             connects.add_metric([shard], float(count))
         return [up, connects]
+
+
+#: Buckets of ``relay_connection_lag_seconds`` (age of a connection's oldest waiting message).
+LAG_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0)
+#: Buckets of ``relay_connection_send_queue_bytes``.
+QUEUE_BUCKETS = (0, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)
+
+
+def _gauge_histogram(name: str, doc: str, values: list[float], bounds: tuple[float, ...]) -> Any:
+    buckets = [(str(float(b)), float(sum(1 for v in values if v <= b))) for b in bounds]
+    buckets.append(("+Inf", float(len(values))))
+    return GaugeHistogramMetricFamily(name, doc, buckets=buckets, gsum_value=float(sum(values)))
+
+
+class _LagCollector:
+    """Per-connection lag as distributions over the open connections, read at scrape time:
+    ``read()`` gives (bytes waiting, seconds its oldest waiting message has waited) for each."""
+
+    def __init__(self, read: Callable[[], list[tuple[int, float]]]) -> None:
+        self._read = read
+
+    def describe(self) -> list[Any]:
+        return self.collect()
+
+    def collect(self) -> list[Any]:
+        found = self._read()
+        ages = [age for _, age in found]
+        return [
+            _gauge_histogram("relay_connection_lag_seconds", "Connections by how long the oldest "
+                             "message waiting in their send queue has waited (0: nothing waits).",
+                             ages, LAG_BUCKETS),
+            _gauge_histogram("relay_connection_send_queue_bytes", "Connections by bytes waiting in "
+                             "their send queue.", [float(size) for size, _ in found], QUEUE_BUCKETS),
+            GaugeMetricFamily("relay_connection_lag_max_seconds", "The longest wait of a message "
+                              "still in some connection's send queue.", value=max(ages, default=0.0)),
+        ]
 
 
 class Metrics:
@@ -159,6 +195,11 @@ class Metrics:
         self.send_queue.set_function(lambda: float(sum(queue_sizes())))
         self.send_queue_max.set_function(lambda: float(max(queue_sizes(), default=0)))
         self.client_addresses.set_function(lambda: float(addresses()))
+
+    def bind_lag(self, read: Callable[[], list[tuple[int, float]]]) -> None:
+        """Export per-connection lag: ``read()`` gives (bytes waiting, age in seconds of the
+        oldest waiting message) for each open connection, at scrape time."""
+        self.registry.register(_LagCollector(read))
 
     def sent(self, kind: str, encoding: str, n: int = 1) -> None:
         """Count ``n`` messages of type ``kind`` sent in ``encoding`` (answers, recovered history)."""

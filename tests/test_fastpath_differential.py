@@ -147,12 +147,17 @@ policies = st.one_of(
 )
 weights_policies = st.one_of(st.sampled_from([0, 1, 2]), policies)  # mostly valid
 offsets = st.integers(0, 10_000)
+stamps = st.sampled_from([0.0, 1.5, 2.25, 1e9])
 
 outbox_ops = st.one_of(
     st.tuples(st.just("put"), frames),
     st.tuples(st.just("offer"), keys, frames, weights_policies, offsets),
     st.tuples(st.just("offer"), keys, frames, weights_policies, offsets),
     st.tuples(st.just("offer"), st.just(["unhashable"]), frames, weights_policies, offsets),
+    # latest (a state channel on a ticked outbox) and the stamp that becomes ``oldest``
+    st.tuples(st.just("offer"), keys, frames, weights_policies, offsets, st.booleans(), stamps),
+    st.tuples(st.just("start_batching")),
+    st.tuples(st.just("take_rest")),
     st.tuples(st.just("take")),
     st.tuples(st.just("take_gaps")),
     st.tuples(st.just("close")),
@@ -162,7 +167,7 @@ outbox_ops = st.one_of(
 
 def outbox_state(box: Any) -> tuple[Any, ...]:
     return (box.limit, box.encoding, box.owner, box.size, box.closed, box.pending,
-            box.dropped, box.conflated, box.queued)
+            box.dropped, box.conflated, box.queued, box.oldest, box.depth, box.superseded)
 
 
 def apply_outbox(box: Any, op: tuple[Any, ...]) -> Any:
@@ -220,6 +225,7 @@ members_ops = st.one_of(
     st.tuples(st.just("fanout"), frame_tuples, keys, weights_policies, offsets),
     st.tuples(st.just("fanout"), frame_tuples, keys, weights_policies, offsets),
     st.tuples(st.just("fanout"), frame_tuples, keys, weights_policies, offsets),
+    st.tuples(st.just("fanout_into"), frame_tuples, keys, weights_policies, offsets, st.booleans(), stamps),
     st.tuples(st.just("take"), box_index),
     st.tuples(st.just("take_gaps"), box_index),
     st.tuples(st.just("close"), box_index),
@@ -245,6 +251,11 @@ def apply_members(mod: ModuleType, members: Any, boxes: list[Any], op: tuple[Any
         return [box.owner for box in members]
     if name == "fanout":
         return mod.fanout(members, *args)
+    if name == "fanout_into":
+        frames, key, policy, offset, latest, stamp = args
+        dirty: list[Any] = []
+        overflowed = mod.fanout_into(members, frames, key, policy, offset, dirty, latest, stamp)
+        return overflowed, [box.owner for box in dirty]
     if name == "put":
         return boxes[args[0]].put(args[1])
     return getattr(boxes[args[0]], name)()

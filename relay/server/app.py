@@ -28,6 +28,7 @@ from ..metrics import Metrics
 from .forwarded import TrustedProxies
 from .frontdoor import handle_stream
 from .hub import Hub
+from .lag import lags
 from .security import build_security, build_ssl_context
 from .ws import CLOSE_GOING_AWAY, Connection
 
@@ -70,6 +71,7 @@ class RelayServer:
             self.metrics.bind_redis(lambda: [(s.endpoint.identity, s.up, s.connects) for s in broker.shards])
         self.metrics.bind_channels(lambda: self.hub.statistics().channels)
         self.connections: dict[str, Connection] = {}
+        self.metrics.bind_lag(lambda: [(lag.queued_bytes, lag.age) for lag in lags(self.connections.values())])
         #: Bytes written to WebSocket connections (read by the metrics at scrape time).
         self.bytes_sent = 0
         #: The part of it written to WebSocket connections, per encoding.

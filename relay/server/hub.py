@@ -281,8 +281,9 @@ class Hub:
             if opts.conflate_key:
                 key = _delivered_key(opts, ch.name, pub.data)
             # On a ticked connection a state channel keeps only its newest value per tick.
+            # (time.monotonic(): what a queued frame's age is measured from, see lag())
             overflowed = fastpath.fanout_into(members, frames, key, ch.policy, pub.offset, dirty,
-                                              opts.mode == "state")
+                                              opts.mode == "state", time.monotonic())
             self.written.append((pub.ingress, opts.pattern, opts.mode))
             self.wake_flusher()
             if trace_log.isEnabledFor(logging.DEBUG):

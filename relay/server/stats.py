@@ -14,6 +14,7 @@ from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
 from .._version import __version__
+from . import lag
 from .status_page import STATUS_PAGE
 
 _PAGE = STATUS_PAGE.encode()
@@ -95,6 +96,7 @@ def snapshot(server: RelayServer) -> dict[str, Any]:
         "handshakes_refused_total": _by(m["relay_handshakes_refused_total"], "reason"),
         "slow_consumer_actions_total": _by(m["relay_slow_consumer_actions_total"], "action"),
         "publish_to_write_ms": latency(server),
+        "lag": lag.summary(lag.lags(server.connections.values())),
     }
 
 

@@ -133,6 +133,8 @@ class Connection:
         self._lot = trio.lowlevel.ParkingLot()
         self._drained = trio.lowlevel.ParkingLot()
         self._counted_dropped = 0
+        #: ``outbox.oldest`` of the bytes the writer task is writing now (0.0: none).
+        self.writing_since = 0.0
         self._counted_conflated = 0
         self._close: tuple[int, str] | None = None
         self._peer_gone = False
@@ -317,6 +319,8 @@ class Connection:
             async with ws._stream_lock:
                 if ws.closed is not None or ws._wsproto.state is not ConnectionState.OPEN:
                     return False
+                # While these bytes are on their way, their oldest message is the lag.
+                self.writing_since = self.outbox.oldest
                 data = self._take()
                 try:
                     if data:
@@ -324,6 +328,8 @@ class Connection:
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     # The peer went away mid-write; the reader sees the closure too.
                     return False
+                finally:
+                    self.writing_since = 0.0
         self._send_scope = None
         if scope.cancelled_caught:
             # A write cut short leaves half a frame on the wire: no close frame can follow.

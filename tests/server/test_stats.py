@@ -138,3 +138,47 @@ async def test_publish_to_write_latency_per_channel_pattern_in_stats_and_metrics
             if sample.name == "relay_publish_to_write_seconds_count":
                 counts[(sample.labels["pattern"], sample.labels["mode"])] = sample.value
     assert counts == {("prices.*", "state"): 5, ("*", "stream"): 3}, counts
+
+
+async def test_per_connection_lag_in_stats_and_metrics() -> None:
+    """A subscriber that stops reading falls behind: /stats lists it first among the slowest
+    with bytes and frames waiting and the age of its oldest waiting message, which grows;
+    /metrics counts it in the lag distributions. A subscriber that reads is not behind."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    big = "x" * 200_000
+    with trio.fail_after(20):
+        async with running_server(send_queue_size=64 << 20, max_message_size=1 << 20) as server:
+            async with open_client(server, max_size=None, max_queue=1) as stuck, \
+                    open_client(server, max_size=None) as reader, open_client(server) as pub:
+                await stuck.subscribe("feed")
+                await reader.subscribe("feed")
+                stuck_id = list(server.connections)[0]  # (opened first)
+                for i in range(60):  # 12 MB: more than loopback's socket buffers hold
+                    await pub.publish("feed", big, ref=i)
+                    assert (await reader.recv())["offset"] == i + 1
+                status, first = await http_get(server, "/stats")
+                await trio.sleep(0.3)
+                _, second = await http_get(server, "/stats")
+                _, metrics, _ = await http_request(server, "GET", "/metrics")
+                # once it reads again it gets everything, and is no longer behind
+                assert [(await stuck.recv())["offset"] for _ in range(60)] == list(range(1, 61))
+                _, caught_up = await http_get(server, "/stats")
+    assert status == 200
+    assert caught_up["lag"] == {"connections_waiting": 0, "slowest": []}, caught_up["lag"]
+    lag = second["lag"]
+    assert lag["connections_waiting"] >= 1 and lag["age_ms"]["max"] >= 300, lag
+    slowest = lag["slowest"][0]
+    assert slowest["queued_bytes"] > 1_000_000 and slowest["queued_frames"] >= 1, slowest
+    earlier = next(row for row in first["lag"]["slowest"] if row["id"] == slowest["id"])
+    assert slowest["age_ms"] >= earlier["age_ms"] + 250, (earlier, slowest)
+    assert slowest["id"] == stuck_id and slowest["user"] == "" and slowest["peer"].startswith("127.0.0.1:")
+    found = {}
+    for family in text_string_to_metric_families(metrics.decode()):
+        for sample in family.samples:
+            if sample.name.startswith("relay_connection_lag") or sample.name.startswith("relay_connection_send_queue"):
+                found[(sample.name, sample.labels.get("le"))] = sample.value
+    assert found[("relay_connection_lag_seconds_bucket", "+Inf")] == 3  # every connection
+    assert found[("relay_connection_lag_seconds_bucket", "0.1")] <= 2   # the stuck one waited longer
+    assert found[("relay_connection_lag_max_seconds", None)] >= 0.3
+    assert found[("relay_connection_send_queue_bytes_bucket", "1048576.0")] <= 2
