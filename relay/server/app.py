@@ -147,6 +147,7 @@ class RelayServer:
             nursery.start_soon(self._sweeper)
             nursery.start_soon(self._flusher)
             nursery.start_soon(self._heartbeater)
+            await nursery.start(self.hub.presence.run)
             log.info("relay listening on %s (node %s)", self.url, self.node_id)
             task_status.started(self)
 
