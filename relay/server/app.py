@@ -69,6 +69,7 @@ class RelayServer:
             broker = self.hub.broker = _redis_bridge(config, self.hub, self.node_id)
             self.metrics.bind_redis(lambda: [(s.endpoint.identity, s.up, s.connects) for s in broker.shards])
         self.metrics.bind_channels(lambda: self.hub.statistics().channels)
+        self.metrics.bind_presence(self.hub.presence.statistics)
         self.connections: dict[str, Connection] = {}
         #: Bytes written to WebSocket connections (read by the metrics at scrape time).
         self.bytes_sent = 0

@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import hiredis
@@ -136,6 +137,16 @@ return out
 """
 
 
+@dataclass(frozen=True, slots=True)
+class PresenceStatistics:
+    #: Channels with presence members on this node, and those members.
+    channels: int
+    members: int
+    #: join/leave/presence_diff messages handed to subscribers, and skipped (queue full).
+    announced: int
+    skipped: int
+
+
 def with_ref(message: dict[str, Any], ref: Any) -> dict[str, Any]:
     """Return ``message`` with ``ref`` added when the request carried one."""
     if ref is not None:
@@ -175,6 +186,11 @@ class Presence:
         #: the subscriber's send queue was full).
         self.announced = 0
         self.skipped = 0
+
+    def statistics(self) -> PresenceStatistics:
+        names = self.book.channels()
+        return PresenceStatistics(len(names), sum(self.book.count(n) for n in names),
+                                  self.announced, self.skipped)
 
     # -- hub hooks (synchronous) -------------------------------------------------------
 

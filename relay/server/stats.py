@@ -8,6 +8,7 @@ computed from successive snapshots; it needs nothing but the browser.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections import defaultdict
@@ -95,6 +96,7 @@ def snapshot(server: RelayServer) -> dict[str, Any]:
         "handshakes_refused_total": _by(m["relay_handshakes_refused_total"], "reason"),
         "slow_consumer_actions_total": _by(m["relay_slow_consumer_actions_total"], "action"),
         "publish_to_write_ms": latency(server),
+        "presence": dataclasses.asdict(server.hub.presence.statistics()),
     }
 
 

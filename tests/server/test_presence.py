@@ -183,3 +183,22 @@ async def test_presence_equals_the_connected_set_after_churn() -> None:
             while await members(watcher, "quiet.churn"):
                 await trio.sleep(0.01)
             assert not server.hub.presence.book.channels()
+
+
+async def test_presence_in_stats_and_metrics() -> None:
+    from .conftest import http_get
+
+    with trio.fail_after(10):
+        async with running_server(channels=CHANNELS) as server, \
+                open_client(server) as a, open_client(server) as b:
+            await a.subscribe("lobby.m")
+            await a.recv()
+            await b.subscribe("lobby.m")
+            await a.recv()
+            await b.recv()
+            status, stats = await http_get(server, "/stats")
+            assert status == 200
+            assert stats["presence"] == {"channels": 1, "members": 2, "announced": 3, "skipped": 0}
+            status, text = await http_get(server, "/metrics")
+            assert "relay_presence_members 2.0" in text
+            assert 'relay_presence_announcements_total{outcome="sent"} 3.0' in text
