@@ -20,6 +20,7 @@ import jwt
 import trio
 
 from relay.config import AuthConfig
+from server.conftest import open_client
 
 from .conftest import (
     APP_ORIGIN,
@@ -340,3 +341,26 @@ async def test_restart_with_redis_behind_loses_nothing(chromium: Chromium, tmp_p
     assert received == [(1, 1), (2, 2), (3, 3), (4, 4), (5, "queued"), (6, 5)]
     assert ack["offset"] == 5 and lost == []
     assert subscribed[-1]["recovered"] is True and subscribed[-1]["epoch"] == subscribed[0]["epoch"]
+
+
+async def test_presence_and_join_leave_events(chromium: Chromium) -> None:
+    channels = [{"pattern": "lobby.*", "presence": True, "join_leave": True}]
+    with trio.fail_after(30):
+        async with running_server(channels=channels) as server, \
+                open_page(chromium, f"{server.http_url}/client.js") as page:
+            await page.eval("([url]) => start(url, {})", [server.url])
+            await page.wait("relay.status === 'connected'")
+            await page.eval("window.s = sub('lobby.1'); s.ready.then(() => 0)")
+            members = await page.eval("relay.presence('lobby.1')")
+            assert [m["conn"] for m in members] == [await page.eval("relay.session")]
+            assert await page.eval("relay.presenceStats('lobby.1')") == {"connections": 1, "users": 1}
+            error = await page.eval("relay.presence('chat.1').then(() => null, (e) => [e.name, e.code])")
+            assert error == ["RequestFailed", "bad_request"]
+            async with open_client(server) as other:
+                await other.subscribe("lobby.1")
+            await page.wait("events.filter(([t]) => t === 'leave').length === 1")
+            got = [(kind, detail["channel"], detail["member"]["conn"]) for kind, detail, *_ in
+                   await page.eval("events") if kind in ("join", "leave")]
+            me = members[0]["conn"]
+            assert got == [("join", "lobby.1", me), ("join", "lobby.1", other.welcome["session"]),
+                           ("leave", "lobby.1", other.welcome["session"])]
