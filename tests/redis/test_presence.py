@@ -9,7 +9,7 @@ from typing import Any
 
 import trio
 
-from .conftest import client, redis_server, relay_nodes
+from .conftest import client, redis_cluster, redis_server, relay_nodes
 
 CONFIG = """
 presence_ttl = 1.0
@@ -82,3 +82,22 @@ async def test_members_join_and_leave_across_nodes_and_a_dead_nodes_members_expi
                     assert left["member"]["conn"] == sa.welcome["session"]
                     assert trio.current_time() - killed < 1.0 + 1.0  # presence_ttl + one refresh
                     assert await conns(asker, "lobby.1") == [sb.welcome["session"]]
+
+
+async def test_presence_on_a_redis_cluster_keeps_each_channels_keys_in_its_slot(tmp_path: Path) -> None:
+    channels = [f"lobby.{i}" for i in range(6)]
+    with trio.fail_after(30):
+        async with redis_cluster(tmp_path) as masters, \
+                relay_nodes(tmp_path, 2, "--redis-cluster", "--redis-url", masters[0].url, config=CONFIG) as (a, b):
+            async with client(a) as sa, client(b) as sb:
+                for c in channels:
+                    await sa.subscribe(c)
+                    assert (await sa.recv())["type"] == "join"
+                for c in channels:
+                    await sb.subscribe(c)
+                    assert (await sb.recv())["type"] == "join"
+                    joined = await sa.recv()  # through SPUBLISH on the channel's master
+                    assert joined["channel"] == c and joined["member"]["conn"] == sb.welcome["session"]
+                    assert await conns(sb, c) == [sa.welcome["session"], sb.welcome["session"]]
+                    slot = await masters[0].command("CLUSTER", "KEYSLOT", f"relay:{{{c}}}")
+                    assert await masters[0].command("CLUSTER", "KEYSLOT", f"relay:{{{c}}}:p") == slot
