@@ -9,7 +9,7 @@ from typing import Any
 
 import trio
 
-from .conftest import client, redis_cluster, redis_server, relay_nodes
+from .conftest import client, redis_cluster, redis_server, relay_nodes, wait_ready
 
 CONFIG = """
 presence_ttl = 1.0
@@ -101,3 +101,22 @@ async def test_presence_on_a_redis_cluster_keeps_each_channels_keys_in_its_slot(
                     assert await conns(sb, c) == [sa.welcome["session"], sb.welcome["session"]]
                     slot = await masters[0].command("CLUSTER", "KEYSLOT", f"relay:{{{c}}}")
                     assert await masters[0].command("CLUSTER", "KEYSLOT", f"relay:{{{c}}}:p") == slot
+
+
+async def test_members_come_back_after_redis_restarted_empty(tmp_path: Path) -> None:
+    with trio.fail_after(20):
+        async with redis_server(tmp_path) as redis, \
+                relay_nodes(tmp_path, 2, "--redis-url", redis.url, config=CONFIG) as (a, b):
+            async with client(a) as sa, client(b) as asker:
+                await sa.subscribe("lobby.r")
+                assert await conns(asker, "lobby.r") == [sa.welcome["session"]]
+                await redis.kill()
+                await wait_ready(a, ready=False)
+                answer = await asker.request({"type": "presence_stats", "channel": "lobby.r", "ref": 1})
+                assert answer["type"] == "error" and answer["code"] == "unavailable" and answer["ref"] == 1
+                await redis.start()  # same port, empty
+                await wait_ready(a)
+                await wait_ready(b)
+                # Node a rewrites its members at its next refresh (a third of presence_ttl).
+                while await conns(asker, "lobby.r") != [sa.welcome["session"]]:
+                    await trio.sleep(0.05)
