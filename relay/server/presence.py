@@ -26,11 +26,13 @@ them (``presence`` is the truth to resynchronise from).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import hiredis
@@ -152,6 +154,34 @@ def with_ref(message: dict[str, Any], ref: Any) -> dict[str, Any]:
     if ref is not None:
         message["ref"] = ref
     return message
+
+
+_SHA = {script: hashlib.sha1(script.encode()).hexdigest() for script in (UPDATE_LUA, READ_LUA)}
+
+
+def _run_script(shard: Any, script: str, args: list[Any], done: Callable[[Any], None]) -> None:
+    """Run ``script`` (by its SHA1; sent in full once if Redis does not have it cached)
+    on ``shard`` with ``args`` (number of keys, keys, arguments); ``done`` gets the reply.
+
+    Raises:
+        Unavailable: the shard is down or overloaded.
+    """
+    pipeline = shard.pipeline
+    if pipeline is None:
+        raise shard.unavailable()
+
+    def answered(reply: Any) -> None:
+        if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
+            current = shard.pipeline
+            if current is not None:
+                try:
+                    current.submit(("EVAL", script, *args), done)
+                    return
+                except Unavailable as exc:
+                    reply = exc
+        done(reply)
+
+    pipeline.submit(("EVALSHA", _SHA[script], *args), answered)
 
 
 def presence_keys(name: str) -> tuple[bytes, bytes]:
@@ -293,9 +323,6 @@ class Presence:
         except Unavailable as exc:
             exc.ref = ref
             raise
-        pipeline = shard.pipeline
-        if pipeline is None:
-            raise shard.unavailable(ref)
 
         def answered(reply: Any) -> None:
             if isinstance(reply, RelayError) or isinstance(reply, hiredis.ReplyError):
@@ -311,8 +338,8 @@ class Presence:
                 conn.send(with_ref({"type": kind, "channel": name, "members": members}, ref))
 
         try:
-            pipeline.submit(("EVAL", READ_LUA, 2, *presence_keys(name),
-                             "stats" if env.stats else "members"), answered)
+            _run_script(shard, READ_LUA, [2, *presence_keys(name), "stats" if env.stats else "members"],
+                        answered)
         except Unavailable as exc:
             exc.ref = ref
             raise
@@ -337,14 +364,10 @@ class Presence:
         except Unavailable:
             self._unsynced.add(name)
             return
-        pipeline = shard.pipeline
-        if pipeline is None:
-            self._unsynced.add(name)
-            return
         members, nodes = presence_keys(name)
         cap = -1 if sync or not opts.join_leave else opts.join_leave_max_members
         args: list[Any] = [
-            "EVAL", UPDATE_LUA, 2, members, nodes, bridge.node_id,
+            2, members, nodes, bridge.node_id,
             max(1, int(self._config.presence_ttl * 1000)), cap, f"relay:{{{name}}}",
             "spublish" if bridge.cluster else "publish", "1" if sync else "0", len(joins)]
         for member in joins:
@@ -368,7 +391,7 @@ class Presence:
                 self._wake.set()
 
         try:
-            pipeline.submit(args, answered)
+            _run_script(shard, UPDATE_LUA, args, answered)
         except Unavailable:
             self._unsynced.add(name)
 
