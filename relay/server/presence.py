@@ -227,7 +227,9 @@ class Presence:
     def joined(self, sub: Subscriber, name: str) -> None:
         """``sub`` was admitted to channel ``name``: it is a member if the channel has presence."""
         opts = self._config.channel_options(name)
-        if not opts.presence:
+        if not opts.presence or sub.codec.name == "poll":
+            # (A long-poll subscribes for one request at a time: it would join and leave
+            # with every poll. Event streams are members, like WebSocket connections.)
             return
         change = self.book.join(name, _member_of(sub), _interval(opts), trio.current_time())
         self._changed(change, opts)

@@ -202,3 +202,24 @@ async def test_presence_in_stats_and_metrics() -> None:
             status, text = await http_get(server, "/metrics")
             assert "relay_presence_members 2.0" in text
             assert 'relay_presence_announcements_total{outcome="sent"} 3.0' in text
+
+
+async def test_event_streams_are_members_and_long_polls_are_not() -> None:
+    from .test_fallback import poll, sse
+
+    with trio.fail_after(10):
+        async with running_server(channels=CHANNELS) as server, open_client(server) as watcher:
+            await watcher.subscribe("lobby.h")
+            await watcher.recv()
+            async with sse(server, "channel=lobby.h") as events:
+                await events.next_of("subscribed")
+                joined = await events.next_of("join")  # its own join, as an event of the stream
+                stream = joined["data"]["member"]["conn"]
+                assert (await watcher.recv())["member"]["conn"] == stream
+                assert [m["conn"] for m in await members(watcher, "lobby.h")] == [
+                    watcher.welcome["session"], stream]
+                status, _ = await poll(server, "channel=lobby.h&timeout=0")
+                assert status == 200
+                assert len(await members(watcher, "lobby.h")) == 2
+            left = await watcher.recv()
+            assert left["type"] == "leave" and left["member"]["conn"] == stream
