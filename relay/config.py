@@ -72,6 +72,14 @@ class ChannelOptions:
     client_publish: bool = True
     slow_consumer: str = ""
     conflate_key: str = ""
+    #: Presence (docs/protocol.md): members can be listed (``presence``) and counted
+    #: (``presence_stats``); with ``join_leave`` subscribers get ``join`` / ``leave``, or
+    #: with ``join_leave_interval`` > 0 one ``presence_diff`` per channel per interval;
+    #: none while the channel has more than ``join_leave_max_members`` members (0: no cap).
+    presence: bool = False
+    join_leave: bool = False
+    join_leave_interval: float = 0.0
+    join_leave_max_members: int = 1000
 
     def __post_init__(self) -> None:
         if not self.slow_consumer:
@@ -165,6 +173,9 @@ class Config:
     #: ``redis_url`` names seed nodes of a Redis Cluster: channels follow its hash slots and
     #: messages go through sharded pub/sub (SPUBLISH / SSUBSCRIBE, Redis 7+).
     redis_cluster: bool = False
+    #: With Redis: presence members of a node that stopped refreshing them (it died) are
+    #: dropped this many seconds after its last refresh (a node refreshes every third of it).
+    presence_ttl: float = 30.0
     auth: AuthConfig = AuthConfig()
     limits: LimitsConfig = LimitsConfig()
     tls: TlsConfig = TlsConfig()
@@ -345,6 +356,7 @@ _CONFIG_SPECS: dict[str, _Spec] = {
             "the same URL is given twice" if len(set(urls)) != len(urls) else None),
     ),
     "redis_cluster": _Spec(bool, "true or false"),
+    "presence_ttl": _positive_seconds(),
 }
 
 _AUTH_SPECS: dict[str, _Spec] = {
@@ -402,6 +414,10 @@ _CHANNEL_SPECS: dict[str, _Spec] = {
     "client_publish": _Spec(bool, "true or false"),
     "slow_consumer": _one_of(SLOW_CONSUMER_POLICIES),
     "conflate_key": _Spec(str, "a field name of the message data, such as 'symbol'"),
+    "presence": _Spec(bool, "true or false"),
+    "join_leave": _Spec(bool, "true or false"),
+    "join_leave_interval": _non_negative_seconds(),
+    "join_leave_max_members": _limit(),
 }
 
 CONFIG_KEYS: tuple[str, ...] = tuple(f.name for f in fields(Config) if f.init)
@@ -589,6 +605,10 @@ def _parse_channel(raw: object, index: int, source: str) -> ChannelOptions:
     if "slow_consumer" not in values:
         values["slow_consumer"] = (
             "conflate" if values.get("conflate_key") else DEFAULT_SLOW_CONSUMER[values.get("mode", "stream")])
+    if values.get("join_leave") and not values.get("presence"):
+        raise _not_allowed(source, f"{where}.join_leave", True,
+                           "false, or presence = true in the same table (join and leave "
+                           "announce presence members)")
     if values.get("conflate_key"):
         if values.get("mode", "stream") != "stream":
             raise _not_allowed(source, f"{where}.conflate_key", values["conflate_key"],

@@ -179,6 +179,18 @@ class Metrics:
             "relay_client_addresses", "Client addresses holding at least one WebSocket connection.",
             registry=r)
 
+    def bind_presence(self, read: Callable[[], Any]) -> None:
+        """Register the presence series, read from ``read()`` (a
+        :class:`relay.server.presence.PresenceStatistics`) at scrape time."""
+        members = Gauge("relay_presence_members",
+                        "Presence members (subscribers of presence channels) on this node.",
+                        registry=self.registry)
+        members.set_function(lambda: float(read().members))
+        self.registry.register(_FunctionCounter(
+            "relay_presence_announcements", "join/leave/presence_diff messages handed to "
+            "subscribers (sent), or not because the subscriber's send queue was full (skipped).",
+            "outcome", lambda: {"sent": read().announced, "skipped": read().skipped}))
+
     def bind_channels(self, count: Callable[[], int]) -> None:
         """Make the ``relay_channels`` gauge read ``count()`` at scrape time."""
         self.channels.set_function(count)

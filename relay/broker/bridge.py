@@ -503,6 +503,9 @@ class RedisBridge:
         state = self._state.get(name)
         if state is None or state.shard is not shard:
             return  # unsubscribed meanwhile
+        if payload[:1] == b"~":  # joins and leaves (relay.server.presence)
+            self.hub.presence.on_redis_event(name, payload[1:])
+            return
         try:
             epoch, offset, body = payload.split(b" ", 2)
             number = int(offset)
@@ -668,6 +671,7 @@ class RedisBridge:
         else:
             ch.members.add(out)
         sub.wake()
+        self.hub.presence.joined(sub, ch.name)
 
     def _refuse(self, sub: Subscriber, name: str, state: RedisChannel, token: object,
                 message: str, ref: Ref) -> None:

@@ -53,10 +53,14 @@ from ._types import Connected as Connected
 from ._types import Connecting as Connecting
 from ._types import Disconnected as Disconnected
 from ._types import Event as Event
+from ._types import Join as Join
+from ._types import Leave as Leave
 from ._types import Lost as Lost
+from ._types import Member as Member
 from ._types import Message as Message
 from ._types import Poke as Poke
 from ._types import Position as Position
+from ._types import PresenceStats as PresenceStats
 from ._types import Reconnecting as Reconnecting
 from ._types import Subscribed as Subscribed
 
@@ -65,6 +69,7 @@ __all__ = [
     "SubscriptionStatistics", "PendingPublish", "EventStream",
     "Message", "Poke", "Ack", "Position", "ClientState",
     "Event", "Connecting", "Connected", "Disconnected", "Reconnecting", "Subscribed", "Lost", "Closed",
+    "Member", "PresenceStats", "Join", "Leave",
     "ClientError", "ClientClosed", "OfflineQueueFull", "InvalidData", "AlreadySubscribed",
     "RequestTimeout", "RequestFailed", "PublishUnconfirmed", "SubscriptionEnded", "EventsOverflow",
     "MessagesLost", "RecoveryLost", "MessagesSkipped",

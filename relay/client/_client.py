@@ -27,7 +27,7 @@ from ._subscription import (
     Subscription,
     _as_position,
 )
-from ._types import Ack, ClientState, Event
+from ._types import Ack, ClientState, Event, Member, PresenceStats
 
 if sys.version_info < (3, 11):  # pragma: no cover - trio depends on the backport there
     from exceptiongroup import BaseExceptionGroup
@@ -190,6 +190,38 @@ class Client(_ConnectionManager):
         if expires is not None or self._conn is None:
             self._token = token
         return expires
+
+    async def presence(self, channel: str) -> list[Member]:
+        """Return the members of ``channel`` (its subscribers, on every node), oldest first.
+
+        The channel needs ``presence = true`` on the server, and the token must allow
+        subscribing to it; the client itself need not be subscribed. While disconnected
+        the request waits for the connection. Cancelling it withdraws it (or ignores the
+        answer once sent).
+
+        Raises:
+            RequestFailed: the server refused it (``bad_request``: presence is not enabled
+                for the channel; ``forbidden``; ``unavailable``: Redis is down, or the
+                connection ended before the answer).
+            RequestTimeout: no answer within ``request_timeout`` of sending it.
+            ClientClosed: the client is closed.
+        """
+        members: list[Member] = await self._query(_Kind.PRESENCE, channel)
+        return members
+
+    async def presence_stats(self, channel: str) -> PresenceStats:
+        """Return how many connections and distinct users are in ``channel`` (cheaper than
+        :meth:`presence` for big channels); raises as :meth:`presence` does."""
+        stats: PresenceStats = await self._query(_Kind.PRESENCE_STATS, channel)
+        return stats
+
+    async def _query(self, kind: _Kind, channel: str) -> Any:
+        self._check_open()
+        if not isinstance(channel, str):
+            raise TypeError(f"channel must be a str, got {type(channel).__name__}")
+        request = _Request(kind, channel)
+        self._enqueue(request)
+        return await self._wait(request)
 
     async def aclose(self) -> None:
         """Close the connection (1000) and stop; idempotent. Done by :func:`connect` on exit.

@@ -67,8 +67,12 @@ from ._types import (
     Connected,
     Connecting,
     Disconnected,
+    Join,
+    Leave,
+    Member,
     Message,
     Poke,
+    PresenceStats,
     Reconnecting,
     Subscribed,
 )
@@ -114,6 +118,21 @@ def _field(msg: dict[str, Any], name: str, kind: type) -> Any:
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise _ProtocolError(f"{msg.get('type')!r} message has a bad {name!r}: {value!r}")
     return value
+
+
+#: Requests that only ask (presence): kept queued across a reconnection, failed when the
+#: connection ends after they were sent.
+_QUERIES = (_Kind.PRESENCE, _Kind.PRESENCE_STATS)
+
+
+def _member(raw: Any) -> Member:
+    """Turn a member of the wire into a :class:`Member`."""
+    if not isinstance(raw, dict):
+        raise _ProtocolError(f"a presence member must be an object, got {raw!r}")
+    joined = raw.get("joined")
+    if isinstance(joined, bool) or not isinstance(joined, (int, float)):
+        raise _ProtocolError(f"a presence member has a bad 'joined': {joined!r}")
+    return Member(str(raw.get("user") or ""), str(raw.get("conn") or ""), float(joined), raw.get("info"))
 
 
 
@@ -346,7 +365,11 @@ class _ConnectionManager(_ClientBase):
             if request.conn is not conn:
                 continue
             del self._pending[ref]
-            if request.kind is _Kind.PUBLISH:
+            if request.kind in _QUERIES:
+                request.fail(RequestFailed("unavailable", f"the connection ended ({conn.code} "
+                                           f"{conn.reason!r}) before the answer to {request.kind.value}",
+                                           channel=request.channel))
+            elif request.kind is _Kind.PUBLISH:
                 request.fail(PublishUnconfirmed(
                     f"the connection ended ({conn.code} {conn.reason!r}) after the publish to "
                     f"{request.channel!r} was sent and before its ack; it may or may not have "
@@ -355,7 +378,7 @@ class _ConnectionManager(_ClientBase):
                 request.resolve(request.sub)  # subscribe: done again on the next connection
         kept: deque[_Request] = deque()
         for request in self._queue:
-            if request.kind is _Kind.PUBLISH:
+            if request.kind is _Kind.PUBLISH or request.kind in _QUERIES:
                 kept.append(request)
             else:
                 request.resolve(request.sub)
@@ -460,7 +483,10 @@ class _ConnectionManager(_ClientBase):
                 skipped = sub._cursor.on_gap(_field(msg, "from", int), _field(msg, "to", int))
                 if skipped is not None:
                     self._report_lost(sub, skipped)
-        elif kind in ("ack", "subscribed", "unsubscribed", "refreshed", "error", "pong"):
+        elif kind in ("join", "leave", "presence_diff"):
+            self._presence_event(conn, msg)
+        elif kind in ("ack", "subscribed", "unsubscribed", "refreshed", "error", "pong",
+                      "presence", "presence_stats"):
             ref = msg.get("ref")
             request = self._pending.pop(ref, None) if isinstance(ref, int) else None
             if request is not None:
@@ -495,6 +521,14 @@ class _ConnectionManager(_ClientBase):
             request.resolve(sub)
         elif request.kind is _Kind.UNSUBSCRIBE and kind == "unsubscribed":
             request.resolve(None)
+        elif request.kind is _Kind.PRESENCE and kind == "presence":
+            members = msg.get("members")
+            if not isinstance(members, list):
+                raise _ProtocolError(f"'presence' message has bad 'members': {members!r}")
+            request.resolve([_member(m) for m in members])
+        elif request.kind is _Kind.PRESENCE_STATS and kind == "presence_stats":
+            request.resolve(PresenceStats(request.channel, _field(msg, "connections", int),
+                                          _field(msg, "users", int)))
         elif request.kind is _Kind.REFRESH and kind == "refreshed":
             expires = msg.get("expires")
             if isinstance(expires, bool) or not isinstance(expires, (int, float)):
@@ -502,6 +536,25 @@ class _ConnectionManager(_ClientBase):
             request.resolve(float(expires))
         else:
             raise _ProtocolError(f"{kind!r} does not answer a {request.kind.value} request")
+
+    def _presence_event(self, conn: _Connection, msg: dict[str, Any]) -> None:
+        """``join`` / ``leave`` / ``presence_diff``: emitted as Leave and Join events."""
+        channel = _field(msg, "channel", str)
+        sub = self._subs.get(channel)
+        if sub is None or sub._conn is not conn:
+            return  # left meanwhile
+        if msg["type"] == "presence_diff":
+            leaves, joins = msg.get("leaves"), msg.get("joins")
+            if not isinstance(leaves, list) or not isinstance(joins, list):
+                raise _ProtocolError("'presence_diff' message needs 'joins' and 'leaves' lists")
+        elif msg["type"] == "join":
+            leaves, joins = [], [msg.get("member")]
+        else:
+            leaves, joins = [msg.get("member")], []
+        for member in leaves:
+            self._emit(Leave(channel, _member(member)))
+        for member in joins:
+            self._emit(Join(channel, _member(member)))
 
     def _ended_by_server(self, conn: _Connection, channel: str) -> None:
         """The server sent ``unsubscribed`` without a ref: a refresh took the channel away."""

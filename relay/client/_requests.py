@@ -24,6 +24,8 @@ class _Kind(enum.Enum):
     SUBSCRIBE = "subscribe"
     UNSUBSCRIBE = "unsubscribe"
     REFRESH = "refresh"
+    PRESENCE = "presence"
+    PRESENCE_STATS = "presence_stats"
 
 
 class _Stage(enum.Enum):

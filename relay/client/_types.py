@@ -103,6 +103,30 @@ class Ack:
     epoch: str
 
 
+@dataclass(frozen=True, slots=True)
+class Member:
+    """A member of a presence channel: one subscribed connection.
+
+    ``user`` is the token's ``sub`` ("" without authentication), ``conn`` the connection's
+    session id, ``joined`` when it subscribed (unix seconds), ``info`` the token's
+    ``info`` claim (None without one).
+    """
+
+    user: str
+    conn: str
+    joined: float
+    info: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceStats:
+    """A presence channel's counts: subscribed connections and distinct users."""
+
+    channel: str
+    connections: int
+    users: int
+
+
 class ClientState(enum.Enum):
     """Where the client's connection stands (``Client.state``)."""
 
@@ -179,10 +203,30 @@ class Lost:
 
 
 @dataclass(frozen=True, slots=True)
+class Join:
+    """``member`` subscribed to ``channel`` (a channel with ``join_leave = true``).
+
+    Only for channels this client is subscribed to; a ``presence_diff`` of the server
+    arrives as its :class:`Leave` events first, then its :class:`Join` events.
+    """
+
+    channel: str
+    member: Member
+
+
+@dataclass(frozen=True, slots=True)
+class Leave:
+    """``member`` unsubscribed from ``channel``, disconnected, or its node died."""
+
+    channel: str
+    member: Member
+
+
+@dataclass(frozen=True, slots=True)
 class Closed:
     """The client stopped for good: ``error`` is None when the application closed it."""
 
     error: ClientClosed | None
 
 
-Event = Union[Connecting, Connected, Disconnected, Reconnecting, Subscribed, Lost, Closed]
+Event = Union[Connecting, Connected, Disconnected, Reconnecting, Subscribed, Lost, Join, Leave, Closed]

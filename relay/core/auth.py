@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from ..errors import Unauthorized
+from .presence import check_info
 
 #: Tokens longer than this are refused without parsing (``malformed``).
 MAX_TOKEN_LENGTH = 8192
@@ -87,11 +88,13 @@ class Permissions:
 @dataclass(frozen=True)
 class Identity:
     """An authenticated client: ``user`` is the token's ``sub`` ("" when anonymous),
-    ``expires`` its ``exp`` in unix seconds (None: never)."""
+    ``expires`` its ``exp`` in unix seconds (None: never), ``info`` its ``info`` claim
+    (any JSON, shown with the client's presence; None when absent)."""
 
     user: str
     expires: float | None
     permissions: Permissions
+    info: Any = None
 
 
 #: The identity of every client when no authentication is configured.
@@ -335,10 +338,16 @@ class TokenVerifier:
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub:
             raise _refuse("missing_claim", "the token has no sub claim (the user id)")
+        info = claims.get("info")
+        if info is not None:
+            info_problem = check_info(info)
+            if info_problem is not None:
+                raise _refuse("bad_claims", info_problem)
         return Identity(
             sub,
             _number_claim(claims, "exp"),
             Permissions(_patterns_claim(claims, "channels"), _patterns_claim(claims, "publish")),
+            info,
         )
 
 

@@ -13,7 +13,7 @@ from ..errors import BadRequest
 
 Ref = Union[int, str, None]
 MAX_REF_LENGTH = 256
-CLIENT_TYPES = ("subscribe", "unsubscribe", "publish", "ping", "refresh")
+CLIENT_TYPES = ("subscribe", "unsubscribe", "publish", "ping", "refresh", "presence", "presence_stats")
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +53,16 @@ class Refresh:
     ref: Ref = None
 
 
-Envelope = Union[Subscribe, Unsubscribe, Publish, Ping, Refresh]
+@dataclass(frozen=True, slots=True)
+class Presence:
+    """Ask for a channel's members (``presence``) or only their counts (``presence_stats``)."""
+
+    channel: str
+    ref: Ref = None
+    stats: bool = False
+
+
+Envelope = Union[Subscribe, Unsubscribe, Publish, Ping, Refresh, Presence]
 
 
 def _is_int(v: Any) -> bool:
@@ -131,6 +140,9 @@ def parse(message: dict[str, Any], *, max_channel_length: int = 255) -> Envelope
         return Unsubscribe(validate_channel(message.get("channel"), max_channel_length, ref), ref)
     if kind == "ping":
         return Ping(ref)
+    if kind == "presence" or kind == "presence_stats":
+        channel = validate_channel(message.get("channel"), max_channel_length, ref)
+        return Presence(channel, ref, kind == "presence_stats")
     if kind == "refresh":
         token = message.get("token")
         if not isinstance(token, str) or not token:

@@ -70,6 +70,7 @@ class RelayServer:
             broker = self.hub.broker = _redis_bridge(config, self.hub, self.node_id)
             self.metrics.bind_redis(lambda: [(s.endpoint.identity, s.up, s.connects) for s in broker.shards])
         self.metrics.bind_channels(lambda: self.hub.statistics().channels)
+        self.metrics.bind_presence(self.hub.presence.statistics)
         self.connections: dict[str, Connection] = {}
         self.metrics.bind_lag(lambda: [(lag.queued_bytes, lag.age) for lag in lags(self.connections.values())])
         #: Bytes written to WebSocket connections (read by the metrics at scrape time).
@@ -149,6 +150,7 @@ class RelayServer:
             nursery.start_soon(self._sweeper)
             nursery.start_soon(self._flusher)
             nursery.start_soon(self._heartbeater)
+            await nursery.start(self.hub.presence.run)
             log.info("relay listening on %s (node %s)", self.url, self.node_id)
             task_status.started(self)
 

@@ -27,6 +27,7 @@ from ..core.envelope import Ref, Since
 from ..broker import HistoryView, PublishResult
 from ..core.history import ChannelLog, Publication, publish_us
 from ..errors import BadRequest, RelayError
+from .presence import Presence
 
 if TYPE_CHECKING:
     from ..broker.bridge import RedisBridge
@@ -157,6 +158,8 @@ class Hub:
         self.written: list[tuple[float, str, str]] = []
         #: The Redis engine when ``redis_url`` is set (set by the server); None: in memory.
         self.broker: RedisBridge | None = None
+        #: Presence members and join/leave (relay.server.presence); its task runs in the server.
+        self.presence = Presence(self, config)
 
     def __iter__(self) -> Iterator[Channel]:
         return iter(self._channels.values())
@@ -342,12 +345,14 @@ class Hub:
         ch.members.add(out)
         sub.subscriptions.add(name)
         sub.wake()
+        self.presence.joined(sub, name)
 
     def unsubscribe(self, sub: Subscriber, name: str, now: float) -> None:
         """Remove ``sub`` from ``name`` (a no-op when it was not subscribed)."""
         if name not in sub.subscriptions:
             return
         sub.subscriptions.discard(name)
+        self.presence.left(sub, name)
         if self.broker is not None:
             self.broker.unsubscribe(sub, name)
             return

@@ -8,6 +8,7 @@ computed from successive snapshots; it needs nothing but the browser.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections import defaultdict
@@ -97,6 +98,7 @@ def snapshot(server: RelayServer) -> dict[str, Any]:
         "slow_consumer_actions_total": _by(m["relay_slow_consumer_actions_total"], "action"),
         "publish_to_write_ms": latency(server),
         "lag": lag.summary(lag.lags(server.connections.values())),
+        "presence": dataclasses.asdict(server.hub.presence.statistics()),
     }
 
 

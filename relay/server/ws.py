@@ -455,6 +455,8 @@ class Connection:
             self.send(with_ref({"type": "unsubscribed", "channel": env.channel}, env.ref))
         elif isinstance(env, envelope.Ping):
             self.send(with_ref({"type": "pong"}, env.ref))
+        elif isinstance(env, envelope.Presence):
+            server.hub.presence.request(self, env)
         elif isinstance(env, envelope.Refresh):
             self.guard.refresh(self, env.token, env.ref,
                                lambda channel: server.hub.unsubscribe(self, channel, now))

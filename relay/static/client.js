@@ -718,6 +718,31 @@ export class Relay extends EventTarget {
     return null;
   }
 
+  /**
+   * The members of a channel with presence: [{user, conn, joined, info?}], oldest first.
+   * Needs the WebSocket transport (rejects with RelayError while on a fallback or
+   * disconnected); rejects with RequestFailed (code bad_request, forbidden, unavailable).
+   */
+  async presence(channel) {
+    return (await this._query({ type: "presence", channel })).members;
+  }
+
+  /** The counts of a channel with presence: {connections, users}; see presence(). */
+  async presenceStats(channel) {
+    const answer = await this._query({ type: "presence_stats", channel });
+    return { connections: answer.connections, users: answer.users };
+  }
+
+  async _query(message) {
+    if (typeof message.channel !== "string") throw new TypeError(`${message.type}(channel): channel must be a string`);
+    if (this._closed) throw new ClientClosed("the client is closed");
+    const t = this._transport;
+    if (!t || !t.opened || t.ended || t.name !== "websocket") {
+      throw new RelayError(`${message.type} needs a WebSocket connection`, { channel: message.channel });
+    }
+    return t.request(message);
+  }
+
   /** Stop for good: close the connection, reject waiting publishes. */
   close() {
     if (this._closed) return;
@@ -1002,6 +1027,17 @@ export class Relay extends EventTarget {
         } else if (!request) {
           console.warn(`relay: error from the server: ${msg.code}: ${msg.message}`);
         }
+        return;
+      }
+      case "join":
+      case "leave":
+      case "presence_diff": {  // presence: "leave" events first, then "join" events
+        if (!sub) return;
+        const diff = msg.type === "presence_diff";
+        const leaves = diff ? msg.leaves : msg.type === "leave" ? [msg.member] : [];
+        const joins = diff ? msg.joins : msg.type === "join" ? [msg.member] : [];
+        for (const member of leaves || []) this._emit("leave", { channel: msg.channel, member });
+        for (const member of joins || []) this._emit("join", { channel: msg.channel, member });
         return;
       }
       case "unsubscribed": {

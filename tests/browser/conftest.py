@@ -146,7 +146,7 @@ window.start = (url, options) => {
   const relay = new relayModule.Relay(url, options);
   window.relay = relay;
   for (const type of ["status", "transport", "connecting", "connected", "disconnected", "reconnecting",
-                      "subscribed", "lost", "closed"]) {
+                      "subscribed", "lost", "closed", "join", "leave"]) {
     relay.addEventListener(type, (e) => {
       window.events.push([type, e.detail, Date.now() %% 100000]);
       if (type === "status") document.getElementById("status").textContent = e.detail;

@@ -20,6 +20,7 @@ import jwt
 import trio
 
 from relay.config import AuthConfig
+from server.conftest import open_client
 
 from .conftest import (
     APP_ORIGIN,
@@ -370,3 +371,26 @@ async def test_ticks_and_publish_stamps_in_the_browser(chromium: Chromium) -> No
                 assert abs(latency - (received - ts)) < 1e-6 and -5 < latency < after_ms - before_ms + 5
             summary = await page.eval("t.latency()")
             assert summary["count"] == 20 and summary["p50"] <= summary["p99"] <= summary["max"]
+
+
+async def test_presence_and_join_leave_events(chromium: Chromium) -> None:
+    channels = [{"pattern": "lobby.*", "presence": True, "join_leave": True}]
+    with trio.fail_after(30):
+        async with running_server(channels=channels) as server, \
+                open_page(chromium, f"{server.http_url}/client.js") as page:
+            await page.eval("([url]) => start(url, {})", [server.url])
+            await page.wait("relay.status === 'connected'")
+            await page.eval("window.s = sub('lobby.1'); s.ready.then(() => 0)")
+            members = await page.eval("relay.presence('lobby.1')")
+            assert [m["conn"] for m in members] == [await page.eval("relay.session")]
+            assert await page.eval("relay.presenceStats('lobby.1')") == {"connections": 1, "users": 1}
+            error = await page.eval("relay.presence('chat.1').then(() => null, (e) => [e.name, e.code])")
+            assert error == ["RequestFailed", "bad_request"]
+            async with open_client(server) as other:
+                await other.subscribe("lobby.1")
+            await page.wait("events.filter(([t]) => t === 'leave').length === 1")
+            got = [(kind, detail["channel"], detail["member"]["conn"]) for kind, detail, *_ in
+                   await page.eval("events") if kind in ("join", "leave")]
+            me = members[0]["conn"]
+            assert got == [("join", "lobby.1", me), ("join", "lobby.1", other.welcome["session"]),
+                           ("leave", "lobby.1", other.welcome["session"])]
