@@ -72,6 +72,8 @@ class ChannelOptions:
     client_publish: bool = True
     slow_consumer: str = ""
     conflate_key: str = ""
+    #: State channels only: subscribers that ask for it get JSON Merge Patch deltas.
+    delta: bool = False
 
     def __post_init__(self) -> None:
         if not self.slow_consumer:
@@ -402,6 +404,7 @@ _CHANNEL_SPECS: dict[str, _Spec] = {
     "client_publish": _Spec(bool, "true or false"),
     "slow_consumer": _one_of(SLOW_CONSUMER_POLICIES),
     "conflate_key": _Spec(str, "a field name of the message data, such as 'symbol'"),
+    "delta": _Spec(bool, "true or false"),
 }
 
 CONFIG_KEYS: tuple[str, ...] = tuple(f.name for f in fields(Config) if f.init)
@@ -598,6 +601,10 @@ def _parse_channel(raw: object, index: int, source: str) -> ChannelOptions:
             raise _not_allowed(source, f"{where}.conflate_key", values["conflate_key"],
                                f'unset, or slow_consumer = "conflate" (this table has '
                                f'slow_consumer = "{values["slow_consumer"]}")')
+    if values.get("delta") and values.get("mode", "stream") != "state":
+        raise _not_allowed(source, f"{where}.delta", values["delta"],
+                           f'false, or a channel with mode = "state" (this table has '
+                           f'mode = "{values.get("mode", "stream")}")')
     return ChannelOptions(**values)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Union
+from typing import TYPE_CHECKING, Any, Literal, Union
 
 import trio
 
@@ -37,6 +37,8 @@ class SubscriptionStatistics:
     delivered: int
     #: Messages dropped because this subscription already had their offset.
     duplicates: int
+    #: Times a delta did not apply to the value held and the full value was fetched again.
+    resyncs: int = 0
 
 
 
@@ -80,6 +82,15 @@ class Subscription:
         self._confirmed_ok = False
         self._delivered = 0
         self._duplicates = 0
+        # Deltas (state channels with delta = true): whether the server sends them to this
+        # subscription (its last ``subscribed`` said so), the channel's value as of
+        # ``_value_at`` (epoch, offset) -- private: the application gets copies -- and
+        # whether a resubscription to fetch the full value is under way.
+        self._delta = False
+        self._value: Any = None
+        self._value_at: tuple[str | None, int] | None = None
+        self._resyncing = False
+        self._resyncs = 0
 
     def __repr__(self) -> str:
         return f"<Subscription {self.channel!r} at {self.position}>"
@@ -96,7 +107,7 @@ class Subscription:
 
     def statistics(self) -> SubscriptionStatistics:
         return SubscriptionStatistics(self.channel, self._messages, self._capacity,
-                                      self._delivered, self._duplicates)
+                                      self._delivered, self._duplicates, self._resyncs)
 
     def __aiter__(self) -> Subscription:
         return self
