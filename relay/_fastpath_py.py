@@ -299,7 +299,8 @@ class Outbox:
         self._size -= len(old)
         self.superseded += 1
 
-    def offer(self, key: Any, frame: bytes, policy: int, offset: int, latest: bool = False) -> int:
+    def offer(self, key: Any, frame: bytes, policy: int, offset: int, latest: bool = False,
+              full: bytes | None = None) -> int:
         """Queue a channel frame, or apply ``policy`` when it does not fit.
 
         Args:
@@ -310,6 +311,11 @@ class Outbox:
             latest: on a batched outbox (ticks), keep only the newest frame of ``key``
                 in a batch: an older one still waiting is taken out (a state channel).
                 The policy's size check counts the bytes that removal frees.
+            full: when given, what to keep instead of ``frame`` whenever the frame would
+                not follow the previous frame of ``key`` on the wire: when it is held
+                (conflated) or takes an older frame of ``key`` out of a batch. A delta
+                channel passes the full value here and a patch as ``frame`` (a patch
+                applies only right after its base). The size check uses ``frame``.
 
         Returns:
             One of the ``OFFER_*`` constants. On ``OFFER_OVERFLOW`` the outbox is
@@ -328,6 +334,8 @@ class Outbox:
         if policy == POLICY_CONFLATE:
             held = self._conflated.get(key)
             if held is not None:
+                if full is not None:
+                    frame, n = full, len(full)
                 if slot >= 0:
                     self._supersede(slot)
                     del self._slots[key]
@@ -340,6 +348,8 @@ class Outbox:
             # Once one value is held, so is every later one (per key): the held values then
             # all come after the queued frames, so offsets never go backwards on the wire.
             if self._conflated or self._size - freed + n > self.limit:
+                if full is not None:
+                    frame, n = full, len(full)
                 if slot >= 0:
                     self._supersede(slot)
                     del self._slots[key]
@@ -365,6 +375,8 @@ class Outbox:
             raise ValueError(f"unknown slow-consumer policy {policy}")
         if slot >= 0:
             self._supersede(slot)
+            if full is not None:
+                frame, n = full, len(full)
         if latest and self._batched:
             self._slots[key] = len(self._frames)
         self._frames.append(frame)
@@ -519,24 +531,31 @@ def fanout_into(
     offset: int,
     dirty: list[Outbox],
     latest: bool = False,
+    full: tuple[bytes | None, ...] | None = None,
 ) -> list[Any]:
     """Offer one message to every member and mark each touched outbox dirty.
 
     Like :func:`fanout`, but instead of returning the owners to wake, appends every
     outbox that accepted something to ``dirty`` (once: see :meth:`Outbox.mark_dirty`),
     for :func:`flush` to write at the end of the batch. Batched outboxes never join
-    ``dirty`` (their tick writes them); ``latest`` is passed to :meth:`Outbox.offer`.
+    ``dirty`` (their tick writes them); ``latest`` is passed to :meth:`Outbox.offer`,
+    and so is ``full[encoding]`` when ``full`` is given (one frame per encoding, like
+    ``frames``: the full value of a delta channel whose ``frames`` hold a patch).
 
     Returns:
         The owners whose outbox overflowed under ``POLICY_DISCONNECT`` (close 4002).
 
     Raises:
-        ValueError: a member's encoding has no frame (nothing was offered).
+        ValueError: a member's encoding has no frame in ``frames`` or in ``full``
+            (nothing was offered).
     """
     _check_frames(members, frames)
+    if full is not None:
+        _check_frames(members, full)
     overflowed: list[Any] = []
     for box in members._items:
-        result = box.offer(key, frames[box.encoding], policy, offset, latest)
+        result = box.offer(key, frames[box.encoding], policy, offset, latest,
+                           None if full is None else full[box.encoding])
         if result == OFFER_OVERFLOW:
             overflowed.append(box.owner)
         elif result != OFFER_CLOSED and not box._dirty:

@@ -153,6 +153,10 @@ outbox_ops = st.one_of(
     st.tuples(st.just("offer"), keys, frames, weights_policies, offsets),
     st.tuples(st.just("offer"), keys, frames, weights_policies, offsets),
     st.tuples(st.just("offer"), st.just(["unhashable"]), frames, weights_policies, offsets),
+    # a delta channel: a patch, and the full value to keep when the patch would be conflated
+    st.tuples(st.just("offer"), keys, frames, weights_policies, offsets, st.booleans(),
+              st.one_of(st.none(), st.binary(max_size=40))),
+    st.tuples(st.just("start_batching")),
     st.tuples(st.just("take")),
     st.tuples(st.just("take_gaps")),
     st.tuples(st.just("close")),
@@ -162,7 +166,7 @@ outbox_ops = st.one_of(
 
 def outbox_state(box: Any) -> tuple[Any, ...]:
     return (box.limit, box.encoding, box.owner, box.size, box.closed, box.pending,
-            box.dropped, box.conflated, box.queued)
+            box.dropped, box.conflated, box.queued, box.batched, box.superseded)
 
 
 def apply_outbox(box: Any, op: tuple[Any, ...]) -> Any:
@@ -220,6 +224,8 @@ members_ops = st.one_of(
     st.tuples(st.just("fanout"), frame_tuples, keys, weights_policies, offsets),
     st.tuples(st.just("fanout"), frame_tuples, keys, weights_policies, offsets),
     st.tuples(st.just("fanout"), frame_tuples, keys, weights_policies, offsets),
+    st.tuples(st.just("fanout_into"), frame_tuples, keys, weights_policies, offsets, st.booleans(),
+              st.one_of(st.none(), frame_tuples)),
     st.tuples(st.just("take"), box_index),
     st.tuples(st.just("take_gaps"), box_index),
     st.tuples(st.just("close"), box_index),
@@ -245,6 +251,10 @@ def apply_members(mod: ModuleType, members: Any, boxes: list[Any], op: tuple[Any
         return [box.owner for box in members]
     if name == "fanout":
         return mod.fanout(members, *args)
+    if name == "fanout_into":
+        dirty: list[Any] = []
+        result = mod.fanout_into(members, *args[:4], dirty, *args[4:])
+        return result, [box.owner for box in dirty]
     if name == "put":
         return boxes[args[0]].put(args[1])
     return getattr(boxes[args[0]], name)()

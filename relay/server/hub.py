@@ -93,15 +93,14 @@ class Channel:
             self.plain, self.deltas = fastpath.Members(), fastpath.Members()
 
     def join(self, out: Any) -> None:
-        """Make ``out`` a member (of ``deltas`` when it asked for deltas and is not ticked:
-        a tick keeps only the newest frame of a state channel, so it needs full values)."""
+        """Make ``out`` a member (of ``deltas`` when it asked for deltas)."""
         self.members.add(out)
         if self.deltas is not None:
             (self.deltas if self.gives_delta(out) else self.plain).add(out)
 
     def gives_delta(self, out: Any) -> bool:
         """Whether ``out`` gets deltas once it joins (its ``subscribed`` says ``delta: true``)."""
-        return self.deltas is not None and out in self.wants_delta and not out.batched
+        return self.deltas is not None and out in self.wants_delta
 
     def leave(self, out: Any) -> None:
         """Remove ``out`` from the members (a no-op when it is not one)."""
@@ -111,21 +110,26 @@ class Channel:
             self.deltas.remove(out)
             self.plain.remove(out)
 
-    def delta_frames(self, pub: Publication) -> tuple[bytes | None, ...]:
-        """Return, per encoding some delta member reads, the frame for ``pub``: the merge
-        patch from the value delivered before (``last``), or the full value when there is
-        no such base (first value, a gap or a new epoch on this node), no patch can express
-        it, or the patch is not smaller. The patch is computed once per publication."""
+    def delta_frames(self, pub: Publication) -> tuple[tuple[bytes | None, ...], tuple[bytes | None, ...]]:
+        """Return, per encoding some delta member reads, the frame for ``pub`` and its full
+        value (for :func:`~relay.fastpath.fanout_into`'s ``full``: what a member that fell
+        behind keeps instead). The frame is the merge patch from the value delivered before
+        (``last``), or the full value when there is no such base (first value, a gap or a
+        new epoch on this node), no patch can express it, or the patch is not smaller. The
+        patch is computed once per publication, never per subscriber."""
         deltas, prev = self.deltas, self.last
         patch: Any = mergepatch.NO_PATCH
         if prev is not None and prev.offset == pub.offset - 1 and not pub.epoch:
             patch = mergepatch.diff(prev.data, pub.data)
         frames: list[bytes | None] = []
+        fulls: list[bytes | None] = []
         for enc in range(fastpath.N_ENCODINGS):
             if not deltas.count(enc):
                 frames.append(None)
+                fulls.append(None)
                 continue
             full = self.frame(pub, enc)
+            fulls.append(full)
             if patch is not mergepatch.NO_PATCH:
                 assert prev is not None
                 small = CODECS[enc].frame({
@@ -134,7 +138,7 @@ class Channel:
                 if len(small) < len(full):
                     full = small
             frames.append(full)
-        return tuple(frames)
+        return tuple(frames), tuple(fulls)
 
     def frame(self, pub: Publication, encoding: int) -> bytes:
         """Return the frame carrying ``pub`` in ``encoding``, building it at most once."""
@@ -340,8 +344,10 @@ class Hub:
             overflowed = fastpath.fanout_into(members, frames, key, ch.policy, pub.offset, dirty,
                                               opts.mode == "state")
             if deltas is not None and len(deltas):
-                overflowed += fastpath.fanout_into(deltas, ch.delta_frames(pub), key, ch.policy,
-                                                   pub.offset, dirty, True)
+                # A member that falls behind (conflation, ticks) keeps the full value instead.
+                patches, fulls = ch.delta_frames(pub)
+                overflowed += fastpath.fanout_into(deltas, patches, key, ch.policy,
+                                                   pub.offset, dirty, True, fulls)
             members = ch.members
             self.written.append((pub.ingress, opts.pattern, opts.mode))
             self.wake_flusher()

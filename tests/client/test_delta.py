@@ -64,6 +64,7 @@ async def test_a_client_behind_on_a_conflating_channel_ends_with_the_newest_valu
                 assert not seen or msg.offset > seen[-1]
                 seen.append(msg.offset)
             assert len(seen) < 60, "nothing was conflated"
+            assert sub.statistics().resyncs == 0  # the server kept the full value
             # and it keeps following with patches afterwards
             for i in range(61, 64):
                 values[i] = {"n": i, "blob": f"{i:06d}" * 1000, "static": static}

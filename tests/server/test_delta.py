@@ -142,16 +142,58 @@ async def test_channels_without_delta_ignore_the_request_and_bad_flags_are_refus
                 assert bad["type"] == "error" and bad["code"] == "bad_request" and bad["ref"] == 5
 
 
-async def test_ticked_connections_get_full_values() -> None:
-    # A tick keeps only the newest frame of a state channel: patches in between would be
-    # lost, so a ticked connection is sent full values (and is told so: no "delta").
+async def test_ticked_connections_get_patches_and_full_values_when_a_tick_conflates() -> None:
+    # A tick keeps only the newest frame of a state channel: when a tick holds more than
+    # one update, the one that stays is the full value (the patches in between are gone).
     with trio.fail_after(10):
         async with running_server(channels=DELTA) as server:
-            async with open_client(server, uri_path="/ws?tick_ms=20") as sub, open_client(server) as pub:
+            async with open_client(server, uri_path="/ws?tick_ms=20") as sub:
                 await sub.send({"type": "subscribe", "channel": "game.4", "delta": True, "ref": 1})
                 [answer] = await sub.recv()
-                assert answer["type"] == "subscribed" and "delta" not in answer
-                for i in range(1, 4):
-                    await pub.publish("game.4", _world(i))
-                    [msg] = await sub.recv()
-                    assert msg["data"] == _world(i) and "delta" not in msg
+                assert answer["type"] == "subscribed" and answer["delta"] is True
+                follower = _Follower(sub)
+                now = trio.current_time()
+                server.hub.publish("game.4", _world(1), now)
+                [msg] = await sub.recv()
+                follower.take(msg)
+                server.hub.publish("game.4", _world(2), trio.current_time())
+                [msg] = await sub.recv()  # one update in the tick: a patch
+                follower.take(msg)
+                assert msg["delta"] is True and follower.value == _world(2)
+                for i in range(3, 6):  # three in one tick: the newest, in full
+                    server.hub.publish("game.4", _world(i), trio.current_time())
+                [msg] = await sub.recv()
+                follower.take(msg)
+                assert "delta" not in msg and follower.value == _world(5)
+                server.hub.publish("game.4", _world(6), trio.current_time())
+                [msg] = await sub.recv()
+                follower.take(msg)
+                assert msg["delta"] is True and follower.value == _world(6)
+
+
+@pytest.mark.parametrize("encoding", ["json", "msgpack"])
+async def test_a_subscriber_behind_never_gets_a_patch_without_its_base(encoding: str) -> None:
+    # Published in one scheduling pass, the updates overflow the send queue: what the
+    # conflation keeps for the delta subscriber is the full value, never a lone patch.
+    static = "s" * 3000
+    values = {i: {"n": i, "blob": f"{i:06d}" * 1000, "static": static} for i in range(1, 41)}
+    with trio.fail_after(10):
+        async with running_server(channels=DELTA, send_queue_size=32 * 1024,
+                                  max_message_size=16 * 1024) as server:
+            async with open_client(server, encoding) as dsub, open_client(server, encoding) as fsub:
+                await dsub.subscribe("game.5", delta=True)
+                await fsub.subscribe("game.5")
+                for rnd in range(2):
+                    now = trio.current_time()
+                    for i in range(1 + 20 * rnd, 21 + 20 * rnd):
+                        server.hub.publish("game.5", values[i], now)
+                    follower = _Follower(dsub) if rnd == 0 else follower
+                    while follower.offset != 20 + 20 * rnd:
+                        follower.take(await dsub.recv())  # checks every patch's base
+                        assert follower.value == values[follower.offset]
+                    last = None
+                    while last is None or last["offset"] != 20 + 20 * rnd:
+                        last = await fsub.recv()
+                    assert last["data"] == follower.value
+                assert follower.patches >= 2 and follower.fulls >= 2
+                assert follower.fulls + follower.patches < 40  # some were conflated
