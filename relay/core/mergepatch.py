@@ -37,19 +37,30 @@ NO_PATCH: Final = _NoPatch()
 
 def same(a: Any, b: Any) -> bool:
     """Return whether ``a`` and ``b`` are the same JSON value (``1``, ``1.0``, ``true`` differ)."""
-    if type(a) is not type(b):
+    kind = type(a)
+    if kind is not type(b):
         return False
-    if isinstance(a, dict):
+    if kind is dict:
         if len(a) != len(b):
             return False
-        for key, value in a.items():
-            if key not in b or not same(value, b[key]):
+        for key, x in a.items():
+            if key not in b:
+                return False
+            y = b[key]
+            sub = type(x)
+            # (leaves inline: this runs for every unchanged member of every publication)
+            if sub is not type(y):
+                return False
+            if sub is dict or sub is list:
+                if not same(x, y):
+                    return False
+            elif x != y or (sub is float and math.copysign(1.0, x) != math.copysign(1.0, y)):
                 return False
         return True
-    if isinstance(a, list):
+    if kind is list:
         return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    if isinstance(a, float):
-        return a == b and math.copysign(1.0, a) == math.copysign(1.0, b)
+    if kind is float:
+        return bool(a == b and math.copysign(1.0, a) == math.copysign(1.0, b))
     return bool(a == b)
 
 
