@@ -83,7 +83,7 @@ def _book(rng: random.Random, arrays: bool) -> Iterator[Any]:
 
 def _game(rng: random.Random) -> Iterator[Any]:
     kinds = ("orc", "elf", "human", "dwarf")
-    entities = {f"e{i}": {"kind": kinds[i % 4], "name": f"unit-{i:03d}", "team": i % 2,
+    entities: dict[str, dict[str, Any]] = {f"e{i}": {"kind": kinds[i % 4], "name": f"unit-{i:03d}", "team": i % 2,
                           "x": round(rng.uniform(0, 1000), 2), "y": round(rng.uniform(0, 1000), 2),
                           "hp": 100, "state": "idle"} for i in range(100)}
     tick = 0
@@ -128,6 +128,7 @@ class _Reader:
         self.problems: list[str] = []
 
     def decode(self, raw: str | bytes) -> dict[str, Any]:
+        msg: dict[str, Any]
         if isinstance(raw, str):
             payload = raw.encode()
             msg = json.loads(raw)
@@ -138,7 +139,7 @@ class _Reader:
 
     def take(self, raw: str | bytes) -> dict[str, Any]:
         got = self.decode(raw)
-        msg = got["msg"]
+        msg: dict[str, Any] = got["msg"]
         if msg.get("type") != "message":
             return msg
         self.frames += 1
