@@ -550,7 +550,7 @@ A connection's bounded queue of encoded frames, drained by its writer task.
         self._size += n
         self.queued += 1
 
-    def offer(self, key, frame, policy, offset, latest=False, double stamp=0.0):
+    def offer(self, key, frame, policy, offset, latest=False, full=None, double stamp=0.0):
         """Queue a channel frame, or apply ``policy`` when it does not fit.
 
         Args:
@@ -561,6 +561,11 @@ A connection's bounded queue of encoded frames, drained by its writer task.
             latest: on a batched outbox (ticks), keep only the newest frame of ``key``
                 in a batch: an older one still waiting is taken out (a state channel).
                 The policy's size check counts the bytes that removal frees.
+            full: when given, what to keep instead of ``frame`` whenever the frame would
+                not follow the previous frame of ``key`` on the wire: when it is held
+                (conflated) or takes an older frame of ``key`` out of a batch. A delta
+                channel passes the full value here and a patch as ``frame`` (a patch
+                applies only right after its base). The size check uses ``frame``.
             stamp: when the message was handed out (any clock); becomes :attr:`oldest`
                 when nothing else waits and the frame is queued or held.
 
@@ -569,7 +574,7 @@ A connection's bounded queue of encoded frames, drained by its writer task.
             closed and emptied; the caller must close the connection (4002).
         """
         cdef int code = _POL_UNDECODED
-        return self._offer(key, frame, policy, &code, offset, latest, stamp)
+        return self._offer(key, frame, policy, &code, offset, latest, full, stamp)
 
     @property
     def depth(self):
@@ -588,15 +593,15 @@ A connection's bounded queue of encoded frames, drained by its writer task.
         return 0
 
     cdef int _offer(self, object key, object frame, object policy, int* code,
-                    object offset, object latest, double stamp) except -1:
+                    object offset, object latest, object full, double stamp) except -1:
         """offer(); ``code`` caches the decoded policy across calls (fanout)."""
-        cdef int result = self._offer_frame(key, frame, policy, code, offset, latest)
+        cdef int result = self._offer_frame(key, frame, policy, code, offset, latest, full)
         if (result == _RES_QUEUED or result == _RES_CONFLATED) and self.oldest == 0.0:
             self.oldest = stamp
         return result
 
     cdef int _offer_frame(self, object key, object frame, object policy, int* code,
-                          object offset, object latest) except -1:
+                          object offset, object latest, object full) except -1:
         cdef Py_ssize_t n
         cdef Py_ssize_t slot = -1
         cdef Py_ssize_t freed = 0
@@ -617,6 +622,9 @@ A connection's bounded queue of encoded frames, drained by its writer task.
         if code[0] == _POL_CONFLATE:
             held = self._conflated.get(key)
             if held is not None:
+                if full is not None:
+                    frame = full
+                    n = PyBytes_GET_SIZE(frame) if PyBytes_CheckExact(frame) else len(frame)
                 if slot >= 0:
                     self._supersede(slot)
                     del self._slots[key]
@@ -629,6 +637,9 @@ A connection's bounded queue of encoded frames, drained by its writer task.
             # Once one value is held, so is every later one (per key): the held values then
             # all come after the queued frames, so offsets never go backwards on the wire.
             if len(self._conflated) != 0 or self._size - freed + n > self._limit:
+                if full is not None:
+                    frame = full
+                    n = PyBytes_GET_SIZE(frame) if PyBytes_CheckExact(frame) else len(frame)
                 if slot >= 0:
                     self._supersede(slot)
                     del self._slots[key]
@@ -654,6 +665,9 @@ A connection's bounded queue of encoded frames, drained by its writer task.
             raise ValueError(f"unknown slow-consumer policy {policy}")
         if slot >= 0:
             self._supersede(slot)
+            if full is not None:
+                frame = full
+                n = PyBytes_GET_SIZE(frame) if PyBytes_CheckExact(frame) else len(frame)
         if latest and self._batched:
             self._slots[key] = PyList_GET_SIZE(self._frames)
         self._frames.append(frame)
@@ -848,23 +862,28 @@ cdef list _frames_by_encoding(Members members, frames):
 
 
 def fanout_into(Members members not None, frames, key, policy, offset, list dirty not None,
-                latest=False, double stamp=0.0):
+                latest=False, full=None, double stamp=0.0):
     """Offer one message to every member and mark each touched outbox dirty.
 
     Like :func:`fanout`, but instead of returning the owners to wake, appends every
     outbox that accepted something to ``dirty`` (once: see :meth:`Outbox.mark_dirty`),
     for :func:`flush` to write at the end of the batch. Batched outboxes never join
     ``dirty`` (their tick writes them); ``latest`` and ``stamp`` are passed to
-    :meth:`Outbox.offer`.
+    :meth:`Outbox.offer`, and so is ``full[encoding]`` when ``full`` is given (one frame
+    per encoding, like ``frames``: the full value of a delta channel whose ``frames``
+    hold a patch).
 
     Returns:
         The owners whose outbox overflowed under ``POLICY_DISCONNECT`` (close 4002).
 
     Raises:
-        ValueError: a member's encoding has no frame (nothing was offered).
+        ValueError: a member's encoding has no frame in ``frames`` or in ``full``
+            (nothing was offered).
     """
     cdef list overflowed = []
     cdef list by_encoding = _frames_by_encoding(members, frames)
+    cdef list full_by_encoding = None if full is None else _frames_by_encoding(members, full)
+    cdef object whole = None
     cdef list items = members._items
     cdef Py_ssize_t i = 0
     cdef int code = _POL_UNDECODED
@@ -877,7 +896,9 @@ def fanout_into(Members members not None, frames, key, policy, offset, list dirt
         frame = <object>PyList_GET_ITEM(by_encoding, box.encoding)
         if frame is None:
             raise ValueError(f"no frame for encoding {box.encoding}")
-        result = box._offer(key, frame, policy, &code, offset, latest, stamp)
+        if full_by_encoding is not None:
+            whole = <object>PyList_GET_ITEM(full_by_encoding, box.encoding)
+        result = box._offer(key, frame, policy, &code, offset, latest, whole, stamp)
         if result == _RES_OVERFLOW:
             overflowed.append(box.owner)
         elif result != _RES_CLOSED and not box._dirty:
@@ -1011,7 +1032,7 @@ def fanout(Members members not None, frames, key, policy, offset):
             # another encoding after add(); the twin raises the same there.
             raise ValueError(f"no frame for encoding {box.encoding}")
         was_pending = box._pending()
-        result = box._offer(key, frame, policy, &code, offset, False, 0.0)
+        result = box._offer(key, frame, policy, &code, offset, False, None, 0.0)
         if result == _RES_OVERFLOW:
             overflowed.append(box.owner)
         elif not was_pending and result != _RES_CLOSED:

@@ -304,7 +304,7 @@ class Outbox:
         self.superseded += 1
 
     def offer(self, key: Any, frame: bytes, policy: int, offset: int, latest: bool = False,
-              stamp: float = 0.0) -> int:
+              full: bytes | None = None, stamp: float = 0.0) -> int:
         """Queue a channel frame, or apply ``policy`` when it does not fit.
 
         Args:
@@ -315,6 +315,11 @@ class Outbox:
             latest: on a batched outbox (ticks), keep only the newest frame of ``key``
                 in a batch: an older one still waiting is taken out (a state channel).
                 The policy's size check counts the bytes that removal frees.
+            full: when given, what to keep instead of ``frame`` whenever the frame would
+                not follow the previous frame of ``key`` on the wire: when it is held
+                (conflated) or takes an older frame of ``key`` out of a batch. A delta
+                channel passes the full value here and a patch as ``frame`` (a patch
+                applies only right after its base). The size check uses ``frame``.
             stamp: when the message was handed out (any clock); becomes :attr:`oldest`
                 when nothing else waits and the frame is queued or held.
 
@@ -324,7 +329,7 @@ class Outbox:
         """
         if self._closed:
             return OFFER_CLOSED
-        result = self._offer(key, frame, policy, offset, latest)
+        result = self._offer(key, frame, policy, offset, latest, full)
         if (result == OFFER_QUEUED or result == OFFER_CONFLATED) and self.oldest == 0.0:
             self.oldest = stamp
         return result
@@ -337,7 +342,8 @@ class Outbox:
             n -= self._frames.count(None)
         return n
 
-    def _offer(self, key: Any, frame: bytes, policy: int, offset: int, latest: bool) -> int:
+    def _offer(self, key: Any, frame: bytes, policy: int, offset: int, latest: bool,
+               full: bytes | None) -> int:
         n = len(frame)
         slot = -1
         freed = 0
@@ -349,6 +355,8 @@ class Outbox:
         if policy == POLICY_CONFLATE:
             held = self._conflated.get(key)
             if held is not None:
+                if full is not None:
+                    frame, n = full, len(full)
                 if slot >= 0:
                     self._supersede(slot)
                     del self._slots[key]
@@ -361,6 +369,8 @@ class Outbox:
             # Once one value is held, so is every later one (per key): the held values then
             # all come after the queued frames, so offsets never go backwards on the wire.
             if self._conflated or self._size - freed + n > self.limit:
+                if full is not None:
+                    frame, n = full, len(full)
                 if slot >= 0:
                     self._supersede(slot)
                     del self._slots[key]
@@ -386,6 +396,8 @@ class Outbox:
             raise ValueError(f"unknown slow-consumer policy {policy}")
         if slot >= 0:
             self._supersede(slot)
+            if full is not None:
+                frame, n = full, len(full)
         if latest and self._batched:
             self._slots[key] = len(self._frames)
         self._frames.append(frame)
@@ -544,6 +556,7 @@ def fanout_into(
     offset: int,
     dirty: list[Outbox],
     latest: bool = False,
+    full: tuple[bytes | None, ...] | None = None,
     stamp: float = 0.0,
 ) -> list[Any]:
     """Offer one message to every member and mark each touched outbox dirty.
@@ -552,18 +565,24 @@ def fanout_into(
     outbox that accepted something to ``dirty`` (once: see :meth:`Outbox.mark_dirty`),
     for :func:`flush` to write at the end of the batch. Batched outboxes never join
     ``dirty`` (their tick writes them); ``latest`` and ``stamp`` are passed to
-    :meth:`Outbox.offer`.
+    :meth:`Outbox.offer`, and so is ``full[encoding]`` when ``full`` is given (one frame
+    per encoding, like ``frames``: the full value of a delta channel whose ``frames``
+    hold a patch).
 
     Returns:
         The owners whose outbox overflowed under ``POLICY_DISCONNECT`` (close 4002).
 
     Raises:
-        ValueError: a member's encoding has no frame (nothing was offered).
+        ValueError: a member's encoding has no frame in ``frames`` or in ``full``
+            (nothing was offered).
     """
     _check_frames(members, frames)
+    if full is not None:
+        _check_frames(members, full)
     overflowed: list[Any] = []
     for box in members._items:
-        result = box.offer(key, frames[box.encoding], policy, offset, latest, stamp)
+        result = box.offer(key, frames[box.encoding], policy, offset, latest,
+                           None if full is None else full[box.encoding], stamp)
         if result == OFFER_OVERFLOW:
             overflowed.append(box.owner)
         elif result != OFFER_CLOSED and not box._dirty:

@@ -80,6 +80,8 @@ class ChannelOptions:
     join_leave: bool = False
     join_leave_interval: float = 0.0
     join_leave_max_members: int = 1000
+    #: State channels only: subscribers that ask for it get JSON Merge Patch deltas.
+    delta: bool = False
 
     def __post_init__(self) -> None:
         if not self.slow_consumer:
@@ -418,6 +420,7 @@ _CHANNEL_SPECS: dict[str, _Spec] = {
     "join_leave": _Spec(bool, "true or false"),
     "join_leave_interval": _non_negative_seconds(),
     "join_leave_max_members": _limit(),
+    "delta": _Spec(bool, "true or false"),
 }
 
 CONFIG_KEYS: tuple[str, ...] = tuple(f.name for f in fields(Config) if f.init)
@@ -618,6 +621,10 @@ def _parse_channel(raw: object, index: int, source: str) -> ChannelOptions:
             raise _not_allowed(source, f"{where}.conflate_key", values["conflate_key"],
                                f'unset, or slow_consumer = "conflate" (this table has '
                                f'slow_consumer = "{values["slow_consumer"]}")')
+    if values.get("delta") and values.get("mode", "stream") != "state":
+        raise _not_allowed(source, f"{where}.delta", values["delta"],
+                           f'false, or a channel with mode = "state" (this table has '
+                           f'mode = "{values.get("mode", "stream")}")')
     return ChannelOptions(**values)
 
 

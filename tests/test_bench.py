@@ -277,3 +277,24 @@ def test_relay_bench_w4_quick_fast_get_everything_slow_ends_current(tmp_path: Pa
     assert slow["age_ms"]["count"] > 0 and probe["age_ms"]["count"] > 0
     assert "W4: keyed conflation" in proc.stdout
     assert report["summary"][f"relay-{impl}"]["w4_keyed_pass"] is True
+
+
+def test_relay_bench_w5_quick_deltas_save_bytes_and_end_right(tmp_path: Path) -> None:
+    """A short W5 run: every subscriber ends on the last value, every patch had its base, and
+    the delta subscribers read fewer bytes than the full-value ones (not timed)."""
+    impl = "compiled" if fastpath.IMPLEMENTATION == "cython" else "pure"
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run(
+        [sys.executable, "-m", "relay", "bench", "w5", "--quick", "--impl", impl, "--json", str(out)],
+        capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    steps = json.loads(out.read_text())["scenarios"]["w5"][f"relay-{impl}"]["steps"]
+    assert [r["workload"] for r in steps] == ["book", "game", "book-arrays"]
+    for r in steps:
+        assert r["pass"] and r["fastpath"] == fastpath.IMPLEMENTATION, r
+        for enc in ("json", "msgpack"):
+            assert r[f"{enc}_delta"]["patches"] > 0 and r[f"{enc}_full"]["patches"] == 0
+            assert r[f"{enc}_delta"]["bytes"] < r[f"{enc}_full"]["bytes"]
+    assert steps[0]["json_saved"] > 0.5 and steps[1]["json_saved"] > 0.5
+    assert "W5: bytes on the wire" in proc.stdout

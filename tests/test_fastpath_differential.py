@@ -154,8 +154,10 @@ outbox_ops = st.one_of(
     st.tuples(st.just("offer"), keys, frames, weights_policies, offsets),
     st.tuples(st.just("offer"), keys, frames, weights_policies, offsets),
     st.tuples(st.just("offer"), st.just(["unhashable"]), frames, weights_policies, offsets),
-    # latest (a state channel on a ticked outbox) and the stamp that becomes ``oldest``
-    st.tuples(st.just("offer"), keys, frames, weights_policies, offsets, st.booleans(), stamps),
+    # latest (a state channel on a ticked outbox), a delta channel's full value (kept when
+    # the patch would be conflated) and the stamp that becomes ``oldest``
+    st.tuples(st.just("offer"), keys, frames, weights_policies, offsets, st.booleans(),
+              st.one_of(st.none(), st.binary(max_size=40)), stamps),
     st.tuples(st.just("start_batching")),
     st.tuples(st.just("take_rest")),
     st.tuples(st.just("take")),
@@ -167,7 +169,8 @@ outbox_ops = st.one_of(
 
 def outbox_state(box: Any) -> tuple[Any, ...]:
     return (box.limit, box.encoding, box.owner, box.size, box.closed, box.pending,
-            box.dropped, box.conflated, box.queued, box.oldest, box.depth, box.superseded)
+            box.dropped, box.conflated, box.queued, box.batched, box.superseded, box.oldest,
+            box.depth)
 
 
 def apply_outbox(box: Any, op: tuple[Any, ...]) -> Any:
@@ -225,7 +228,8 @@ members_ops = st.one_of(
     st.tuples(st.just("fanout"), frame_tuples, keys, weights_policies, offsets),
     st.tuples(st.just("fanout"), frame_tuples, keys, weights_policies, offsets),
     st.tuples(st.just("fanout"), frame_tuples, keys, weights_policies, offsets),
-    st.tuples(st.just("fanout_into"), frame_tuples, keys, weights_policies, offsets, st.booleans(), stamps),
+    st.tuples(st.just("fanout_into"), frame_tuples, keys, weights_policies, offsets, st.booleans(),
+              st.one_of(st.none(), frame_tuples), stamps),
     st.tuples(st.just("take"), box_index),
     st.tuples(st.just("take_gaps"), box_index),
     st.tuples(st.just("close"), box_index),
@@ -252,10 +256,9 @@ def apply_members(mod: ModuleType, members: Any, boxes: list[Any], op: tuple[Any
     if name == "fanout":
         return mod.fanout(members, *args)
     if name == "fanout_into":
-        frames, key, policy, offset, latest, stamp = args
         dirty: list[Any] = []
-        overflowed = mod.fanout_into(members, frames, key, policy, offset, dirty, latest, stamp)
-        return overflowed, [box.owner for box in dirty]
+        result = mod.fanout_into(members, *args[:4], dirty, *args[4:])
+        return result, [box.owner for box in dirty]
     if name == "put":
         return boxes[args[0]].put(args[1])
     return getattr(boxes[args[0]], name)()

@@ -176,16 +176,16 @@ def test_oldest_is_the_stamp_of_the_oldest_waiting_frame(impl: ModuleType, pair:
     assert box.oldest == 0.0 and box.depth == 0
     box.put(b"control")  # answers and control frames carry no stamp
     assert box.oldest == 0.0 and box.depth == 1
-    assert box.offer("k", b"x" * 10, impl.POLICY_CONFLATE, 1, False, 5.0) == impl.OFFER_QUEUED
-    assert box.offer("k", b"y" * 10, impl.POLICY_CONFLATE, 2, False, 7.0) == impl.OFFER_QUEUED
+    assert box.offer("k", b"x" * 10, impl.POLICY_CONFLATE, 1, False, stamp=5.0) == impl.OFFER_QUEUED
+    assert box.offer("k", b"y" * 10, impl.POLICY_CONFLATE, 2, False, stamp=7.0) == impl.OFFER_QUEUED
     assert box.oldest == 5.0 and box.depth == 3
     # over the limit: held by conflation, the oldest stays the oldest
-    assert box.offer("k", b"z" * 60, impl.POLICY_CONFLATE, 3, False, 9.0) == impl.OFFER_CONFLATED
+    assert box.offer("k", b"z" * 60, impl.POLICY_CONFLATE, 3, False, stamp=9.0) == impl.OFFER_CONFLATED
     assert box.oldest == 5.0 and box.depth == 4
     box.take()
     assert box.oldest == 0.0 and box.depth == 0
     # dropped frames do not wait: no stamp
-    assert box.offer("d", b"w" * 100, impl.POLICY_DROP, 4, False, 11.0) == impl.OFFER_DROPPED
+    assert box.offer("d", b"w" * 100, impl.POLICY_DROP, 4, False, stamp=11.0) == impl.OFFER_DROPPED
     assert box.oldest == 0.0
     box.take_gaps()
     # a complete direct send clears it; a partial one keeps it until the rest is written
@@ -193,11 +193,11 @@ def test_oldest_is_the_stamp_of_the_oldest_waiting_frame(impl: ModuleType, pair:
     members = impl.Members()
     members.add(box)
     box.limit = 1 << 22
-    impl.fanout_into(members, (b"s" * 100, None), "k", impl.POLICY_DISCONNECT, 5, dirty, False, 13.0)
+    impl.fanout_into(members, (b"s" * 100, None), "k", impl.POLICY_DISCONNECT, 5, dirty, False, stamp=13.0)
     assert box.oldest == 13.0
     impl.flush(dirty)
     assert box.oldest == 0.0 and b.recv(1000) == b"s" * 100
-    impl.fanout_into(members, (b"L" * (1 << 21), None), "k", impl.POLICY_DISCONNECT, 6, dirty, False, 17.0)
+    impl.fanout_into(members, (b"L" * (1 << 21), None), "k", impl.POLICY_DISCONNECT, 6, dirty, False, stamp=17.0)
     wake, sent = impl.flush(dirty)
     assert wake == ["o"] and 0 < sent < 1 << 21
     assert box.oldest == 17.0 and box.depth == 0 and box.pending

@@ -31,9 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="relay bench",
         description="End-to-end load scenarios against a fresh relay server (and other servers with --against): "
-        "W1 fan-out sweep, W2 small room, W3 idle connections, W4 keyed conflation (relay only). "
+        "W1 fan-out sweep, W2 small room, W3 idle connections, W4 keyed conflation (relay only), "
+        "W5 bytes saved by state deltas (relay only). "
         "Loopback only; see bench/load/README.md.")
-    p.add_argument("scenarios", nargs="*", metavar="SCENARIO", help="w1, w2, w3, w4 or all (default: all)")
+    p.add_argument("scenarios", nargs="*", metavar="SCENARIO", help="w1, w2, w3, w4, w5 or all (default: all)")
     p.add_argument("--impl", choices=("compiled", "pure", "both"), default="compiled",
                    help="relay's fast path: compiled (Cython), pure (RELAY_PURE_PYTHON=1) or both (default compiled)")
     p.add_argument("--no-relay", action="store_true", help="measure only the --against/--peers servers")
@@ -71,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     w4.add_argument("--w4-duration", type=float, metavar="S", help="measured seconds per variant (default 10)")
     w4.add_argument("--w4-warmup", type=float, metavar="S", help="unmeasured seconds first (default 2)")
     w4.add_argument("--w4-variants", metavar="V,V", help="keyed, channel, disconnect (default: all three)")
+    p.add_argument("--w5-updates", type=int, metavar="N",
+                   help="W5 (state deltas): updates published per workload (default 1000)")
     p.add_argument("--server-cpus", default="0", metavar="LIST", help="taskset CPU list for the server (default 0)")
     p.add_argument("--load-cpus", metavar="LIST", help="taskset CPU list for the load generator (default: the others)")
     p.add_argument("--no-pin", action="store_true", help="do not pin anything with taskset")
@@ -91,7 +94,7 @@ def settings_from_args(a: argparse.Namespace, p: argparse.ArgumentParser) -> Set
             if n not in scen:
                 scen.append(n)
         else:
-            p.error(f"unknown scenario {n!r}; choose from w1, w2, w3, w4, all")
+            p.error(f"unknown scenario {n!r}; choose from w1, w2, w3, w4, w5, all")
     impls = [] if a.no_relay else (["compiled", "pure"] if a.impl == "both" else [a.impl])
     s = Settings(scenarios=scen, impls=impls, against=[], quick=a.quick, encoding=a.encoding,
                  payload_bytes=a.payload_bytes, server_cpus=a.server_cpus, drain=a.drain,
@@ -118,6 +121,7 @@ def settings_from_args(a: argparse.Namespace, p: argparse.ArgumentParser) -> Set
         # W4: a lighter feed, a slow subscriber far below it, the keyed variant only
         s.w4_rate, s.w4_keys, s.w4_fast_subscribers, s.w4_slow_rate = 2000.0, 100, 5, 300.0
         s.w4_warmup, s.w4_duration, s.w4_variants = 0.5, 2.0, ["keyed"]
+        s.w5_updates = 100
     if a.warmup is not None:
         s.warmup = a.warmup
     if a.duration is not None:
@@ -130,6 +134,10 @@ def settings_from_args(a: argparse.Namespace, p: argparse.ArgumentParser) -> Set
                       ("w4_warmup", "w4_warmup")):
         if getattr(a, opt) is not None:
             setattr(s, name, getattr(a, opt))
+    if a.w5_updates is not None:
+        if not 2 <= a.w5_updates <= 100_000:
+            p.error("--w5-updates from 2 to 100000")
+        s.w5_updates = a.w5_updates
     if a.w4_variants:
         from .conflation import VARIANTS
 

@@ -154,6 +154,15 @@ def render(report: dict[str, Any]) -> str:
                            "srv µs/connect", "connect s", "result"), rows))
     if "w4" in sc:
         out.extend(_render_w4(sc["w4"]))
+    if "w5" in sc:
+        from .deltas import render_line
+
+        out.append("\nW5: bytes on the wire per update (WebSocket frames), full values vs state deltas")
+        for srv, data in sc["w5"].items():
+            if data.get("skipped"):
+                out.append(f"  -- {srv}: {data['skipped']}")
+            for r in data.get("steps", []):
+                out.append(render_line(r))
     summ = {srv: d for srv, d in report.get("summary", {}).items() if any(k[:2] in ("w1", "w2", "w3") for k in d)}
     if summ:
         out.append("\nSummary")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .conflation import scenario_w4
+from .deltas import scenario_w5
 from .loaders import JsonLines, Loaders, _finish, _say, merge_sub_results
 from .procfs import (
     Jiffies,
@@ -375,4 +376,4 @@ def scenario_w3(exe: Path, spec: ServerSpec, s: Settings) -> dict[str, Any]:
     return r
 
 
-SCENARIOS = {"w1": scenario_w1, "w2": scenario_w2, "w3": scenario_w3, "w4": scenario_w4}
+SCENARIOS = {"w1": scenario_w1, "w2": scenario_w2, "w3": scenario_w3, "w4": scenario_w4, "w5": scenario_w5}

@@ -86,4 +86,6 @@ class Settings:
     w4_duration: float = 10.0
     w4_sample_ms: float = 50.0
     w4_variants: list[str] = field(default_factory=lambda: list(W4_VARIANTS))
+    #: W5 (state deltas): updates published per workload.
+    w5_updates: int = 1000
     pin: bool = True

@@ -408,7 +408,7 @@ class RedisBridge:
         if state is None or ch is None:
             return
         out = sub.outbox
-        ch.members.remove(out)
+        ch.leave(out)
         state.joiners.pop(out, None)
         state.pending.pop(out, None)
         if not len(ch.members) and not state.joiners and not state.pending:
@@ -562,7 +562,7 @@ class RedisBridge:
 
     def _promote(self, ch: Any, state: RedisChannel, out: Any) -> None:
         state.joiners.pop(out, None)
-        ch.members.add(out)
+        ch.join(out)
 
     def _gap(self, ch: Any, state: RedisChannel, first: int, last: int) -> None:
         """Tell members (and joiners short of ``last``) that ``first..last`` is lost."""
@@ -652,10 +652,13 @@ class RedisBridge:
         if since is not None and metrics is not None:
             metrics.recovery(recovered)
         live = ch.log.offset
-        out.put(sub.codec.frame(with_ref({
+        answer: dict[str, Any] = {
             "type": "subscribed", "channel": ch.name, "epoch": ch.log.epoch,
             "offset": max(cursor, live), "recovered": recovered,
-        }, ref)))
+        }
+        if ch.gives_delta(out):
+            answer["delta"] = True
+        out.put(sub.codec.frame(with_ref(answer, ref)))
         if metrics is not None:
             metrics.sent("subscribed", sub.codec.name)
             if follow:
@@ -669,7 +672,7 @@ class RedisBridge:
         if cursor > live:
             state.joiners[out] = cursor
         else:
-            ch.members.add(out)
+            ch.join(out)
         sub.wake()
         self.hub.presence.joined(sub, ch.name)
 
@@ -687,6 +690,8 @@ class RedisBridge:
             {"type": "error", "code": "unavailable", "message": message}, ref)))
         sub.wake()
         ch = self.hub.get(name)
+        if ch is not None:
+            ch.wants_delta.discard(sub.outbox)
         if ch is not None and not len(ch.members) and not state.joiners and not state.pending \
                 and not state.closed:
             self._release(name, state)

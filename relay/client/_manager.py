@@ -31,6 +31,7 @@ from trio_websocket import (
     wrap_client_stream,
 )
 
+from ..core import mergepatch
 from ..core.codec import JSON, dumps_json, loads_json
 from ..errors import BadRequest
 from ._base import _ClientBase
@@ -443,6 +444,19 @@ class _ConnectionManager(_ClientBase):
             if sub is None or sub._conn is not conn:
                 return  # left meanwhile, or not subscribed on this connection
             epoch = msg.get("epoch")
+            data = msg.get("data")
+            if kind == "message" and msg.get("delta") is True:
+                cursor = sub._cursor
+                if cursor.offset is not None and offset <= cursor.offset and epoch is None:
+                    sub._duplicates += 1
+                    return
+                base = msg.get("base")
+                if epoch is not None or sub._value_at is None or sub._value_at != (cursor.epoch, base):
+                    # Not the value this subscription holds (it missed a message): fetch
+                    # the full value; never apply a patch to the wrong base.
+                    self._resync(conn, sub)
+                    return
+                data = mergepatch.apply(sub._value, data)
             before = sub._cursor.save()
             deliver, lost = sub._cursor.on_message(offset, epoch if isinstance(epoch, str) else None)
             if lost is not None:
@@ -459,11 +473,16 @@ class _ConnectionManager(_ClientBase):
                 sub._latencies.append(received - ts)
             item: Message | Poke
             if kind == "message":
-                item = Message(channel, offset, msg.get("data"), current, ts, received)
+                if sub._delta:  # the value is kept: the application gets its own copy
+                    item = Message(channel, offset, mergepatch.copy(data), current, ts, received)
+                else:
+                    item = Message(channel, offset, data, current, ts, received)
             else:
                 item = Poke(channel, offset, current, None, ts, received)
             if sub._has_room():
                 sub._append(item)
+                if sub._delta and kind == "message":
+                    sub._value, sub._value_at = data, (sub._cursor.epoch, offset)
                 return
             conn.paused = conn.paused_during_ping = True
             buffered = False
@@ -476,6 +495,8 @@ class _ConnectionManager(_ClientBase):
                     # Interrupted before the message reached the buffer: the cursor must not
                     # claim it, so that resubscribing fetches it again.
                     sub._cursor.restore(before)
+            if sub._delta and kind == "message":
+                sub._value, sub._value_at = data, (sub._cursor.epoch, offset)
         elif kind == "gap":
             channel = _field(msg, "channel", str)
             sub = self._subs.get(channel)
@@ -514,6 +535,9 @@ class _ConnectionManager(_ClientBase):
                 epoch, offset = _field(msg, "epoch", str), _field(msg, "offset", int)
                 recovered = msg.get("recovered") is True
                 lost = sub._cursor.on_subscribed(request.since, epoch, offset, recovered)
+                sub._delta, sub._resyncing = msg.get("delta") is True, False
+                if sub._value_at is not None and sub._value_at[0] != epoch:
+                    sub._value_at = None  # a new epoch: the value's offset means nothing
                 self._emit(Subscribed(sub.channel, epoch, offset, recovered))
                 if lost is not None:
                     self._report_lost(sub, lost)
@@ -555,6 +579,20 @@ class _ConnectionManager(_ClientBase):
             self._emit(Leave(channel, _member(member)))
         for member in joins:
             self._emit(Join(channel, _member(member)))
+
+    def _resync(self, conn: _Connection, sub: Subscription) -> None:
+        """Fetch the full value of a delta channel: resubscribe (unsubscribe, subscribe
+        with the position of the value held). Messages of the channel are ignored until the
+        new subscribe is sent; the server answers it with the full value."""
+        if sub._resyncing:
+            return  # patches queued before the resubscription: the full value follows
+        log.info("channel %r: a delta does not apply to the value held; fetching the full value",
+                 sub.channel)
+        sub._resyncing = True
+        sub._resyncs += 1
+        sub._conn = None
+        self._enqueue(_Request(_Kind.UNSUBSCRIBE, sub.channel, target=conn))
+        self._enqueue(_Request(_Kind.SUBSCRIBE, sub.channel, sub=sub))
 
     def _ended_by_server(self, conn: _Connection, channel: str) -> None:
         """The server sent ``unsubscribed`` without a ref: a refresh took the channel away."""

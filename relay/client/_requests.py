@@ -62,8 +62,11 @@ class _Request:
         msg: dict[str, Any] = {"type": self.kind.value, "channel": self.channel, "ref": self.ref}
         if self.kind is _Kind.PUBLISH:
             msg["data"] = self.data
-        elif self.kind is _Kind.SUBSCRIBE and self.since is not None:
-            msg["since"] = {"epoch": self.since.epoch, "offset": self.since.offset}
+        elif self.kind is _Kind.SUBSCRIBE:
+            # This client applies merge patches (state channels with delta = true).
+            msg["delta"] = True
+            if self.since is not None:
+                msg["since"] = {"epoch": self.since.epoch, "offset": self.since.offset}
         return msg
 
     def sent(self) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Union
+from typing import TYPE_CHECKING, Any, Literal, Union
 
 import trio
 
@@ -37,6 +37,8 @@ class SubscriptionStatistics:
     delivered: int
     #: Messages dropped because this subscription already had their offset.
     duplicates: int
+    #: Times a delta did not apply to the value held and the full value was fetched again.
+    resyncs: int = 0
     #: End-to-end latency (seconds from the server's ``ts`` to receipt here) of the
     #: latest messages (up to 1,024): median, 99th percentile and maximum; None before
     #: the first stamped message.
@@ -91,6 +93,15 @@ class Subscription:
         self._duplicates = 0
         #: End-to-end latencies of the latest stamped messages (seconds).
         self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        # Deltas (state channels with delta = true): whether the server sends them to this
+        # subscription (its last ``subscribed`` said so), the channel's value as of
+        # ``_value_at`` (epoch, offset) -- private: the application gets copies -- and
+        # whether a resubscription to fetch the full value is under way.
+        self._delta = False
+        self._value: Any = None
+        self._value_at: tuple[str | None, int] | None = None
+        self._resyncing = False
+        self._resyncs = 0
 
     def __repr__(self) -> str:
         return f"<Subscription {self.channel!r} at {self.position}>"
@@ -112,7 +123,8 @@ class Subscription:
             n = len(ordered)
             p50, p99, top = ordered[(n - 1) // 2], ordered[min(n - 1, (n * 99) // 100)], ordered[-1]
         return SubscriptionStatistics(self.channel, self._messages, self._capacity,
-                                      self._delivered, self._duplicates, p50, p99, top)
+                                      self._delivered, self._duplicates, self._resyncs,
+                                      p50, p99, top)
 
     def __aiter__(self) -> Subscription:
         return self

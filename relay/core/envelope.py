@@ -27,6 +27,8 @@ class Subscribe:
     channel: str
     ref: Ref = None
     since: Since | None = None
+    #: The subscriber applies JSON Merge Patch deltas (channels with ``delta = true``).
+    delta: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +137,10 @@ def parse(message: dict[str, Any], *, max_channel_length: int = 255) -> Envelope
         return Publish(channel, message["data"], ref)
     if kind == "subscribe":
         channel = validate_channel(message.get("channel"), max_channel_length, ref)
-        return Subscribe(channel, ref, _parse_since(message.get("since"), ref))
+        delta = message.get("delta", False)
+        if not isinstance(delta, bool):
+            raise BadRequest("delta must be true or false", ref=ref)
+        return Subscribe(channel, ref, _parse_since(message.get("since"), ref), delta)
     if kind == "unsubscribe":
         return Unsubscribe(validate_channel(message.get("channel"), max_channel_length, ref), ref)
     if kind == "ping":

@@ -26,6 +26,7 @@ from ..core.codec import CODECS, Codec, check_json_compatible
 from ..core.envelope import Ref, Since
 from ..broker import HistoryView, PublishResult
 from ..core.history import ChannelLog, Publication, publish_us
+from ..core import mergepatch
 from ..errors import BadRequest, RelayError
 from .presence import Presence
 
@@ -72,7 +73,8 @@ class HubStatistics:
 class Channel:
     """One channel's options, log and members."""
 
-    __slots__ = ("name", "options", "policy", "log", "members", "last_active")
+    __slots__ = ("name", "options", "policy", "log", "members", "last_active",
+                 "plain", "deltas", "wants_delta", "last")
 
     def __init__(self, name: str, options: ChannelOptions, epoch: str, now: float) -> None:
         self.name = name
@@ -81,6 +83,66 @@ class Channel:
         self.log = ChannelLog(epoch, options.history_size, options.history_ttl)
         self.members = fastpath.Members()
         self.last_active = now
+        # Delta channels (``delta = true``): ``members`` is split in those that get full
+        # values (``plain``) and those that asked for deltas (``deltas``); ``last`` is the
+        # publication this node delivered last, the base of the next patch.
+        self.plain: Any = None
+        self.deltas: Any = None
+        self.wants_delta: set[Any] = set()
+        self.last: Publication | None = None
+        if options.delta and options.mode == "state":
+            self.plain, self.deltas = fastpath.Members(), fastpath.Members()
+
+    def join(self, out: Any) -> None:
+        """Make ``out`` a member (of ``deltas`` when it asked for deltas)."""
+        self.members.add(out)
+        if self.deltas is not None:
+            (self.deltas if self.gives_delta(out) else self.plain).add(out)
+
+    def gives_delta(self, out: Any) -> bool:
+        """Whether ``out`` gets deltas once it joins (its ``subscribed`` says ``delta: true``)."""
+        return self.deltas is not None and out in self.wants_delta
+
+    def leave(self, out: Any) -> None:
+        """Remove ``out`` from the members (a no-op when it is not one)."""
+        self.members.remove(out)
+        self.wants_delta.discard(out)
+        if self.deltas is not None:
+            self.deltas.remove(out)
+            self.plain.remove(out)
+
+    def delta_frames(self, pub: Publication) -> tuple[tuple[bytes | None, ...], tuple[bytes | None, ...]]:
+        """Return, per encoding some delta member reads, the frame for ``pub`` and its full
+        value (for :func:`~relay.fastpath.fanout_into`'s ``full``: what a member that fell
+        behind keeps instead). The frame is the merge patch from the value delivered before
+        (``last``), or the full value when there is no such base (first value, a gap or a
+        new epoch on this node), no patch can express it, or the patch is not smaller. The
+        patch is computed once per publication, never per subscriber."""
+        deltas, prev = self.deltas, self.last
+        patch: Any = mergepatch.NO_PATCH
+        if prev is not None and prev.offset == pub.offset - 1 and not pub.epoch:
+            patch = mergepatch.diff(prev.data, pub.data)
+        frames: list[bytes | None] = []
+        fulls: list[bytes | None] = []
+        for enc in range(fastpath.N_ENCODINGS):
+            if not deltas.count(enc):
+                frames.append(None)
+                fulls.append(None)
+                continue
+            full = self.frame(pub, enc)
+            fulls.append(full)
+            if patch is not mergepatch.NO_PATCH:
+                assert prev is not None
+                msg: dict[str, Any] = {
+                    "type": "message", "channel": self.name, "offset": pub.offset,
+                    "delta": True, "base": prev.offset, "data": patch}
+                if pub.ingress:
+                    msg["ts"] = publish_us(pub.ingress)
+                small = CODECS[enc].frame(msg)
+                if len(small) < len(full):
+                    full = small
+            frames.append(full)
+        return tuple(frames), tuple(fulls)
 
     def frame(self, pub: Publication, encoding: int) -> bytes:
         """Return the frame carrying ``pub`` in ``encoding``, building it at most once."""
@@ -273,7 +335,10 @@ class Hub:
         encoding in use, offer the frames, wake the flusher, kick overflowing members."""
         self.publications += 1
         members = ch.members
-        if len(members):
+        deltas = ch.deltas
+        if deltas is not None:
+            members = ch.plain  # (ch.members: everyone, for what follows)
+        if len(ch.members):
             frames = tuple(
                 ch.frame(pub, enc) if members.count(enc) else None
                 for enc in range(fastpath.N_ENCODINGS)
@@ -284,9 +349,16 @@ class Hub:
             if opts.conflate_key:
                 key = _delivered_key(opts, ch.name, pub.data)
             # On a ticked connection a state channel keeps only its newest value per tick.
-            # (time.monotonic(): what a queued frame's age is measured from, see lag())
+            # (time.monotonic(): what a queued frame's age is measured from, see lag.py)
+            stamp = time.monotonic()
             overflowed = fastpath.fanout_into(members, frames, key, ch.policy, pub.offset, dirty,
-                                              opts.mode == "state", time.monotonic())
+                                              opts.mode == "state", stamp=stamp)
+            if deltas is not None and len(deltas):
+                # A member that falls behind (conflation, ticks) keeps the full value instead.
+                patches, fulls = ch.delta_frames(pub)
+                overflowed += fastpath.fanout_into(deltas, patches, key, ch.policy,
+                                                   pub.offset, dirty, True, fulls, stamp)
+            members = ch.members
             self.written.append((pub.ingress, opts.pattern, opts.mode))
             self.wake_flusher()
             if trace_log.isEnabledFor(logging.DEBUG):
@@ -299,19 +371,32 @@ class Hub:
                 self._metrics.delivered(members, ch.options.mode)
                 if overflowed:
                     self._metrics.slow_consumer("disconnect", len(overflowed))
+        if deltas is not None:
+            ch.last = pub
 
-    def subscribe(self, sub: Subscriber, name: str, since: Since | None, ref: Ref, now: float) -> None:
+    def subscribe(self, sub: Subscriber, name: str, since: Since | None, ref: Ref, now: float,
+                  delta: bool = False) -> None:
         """Subscribe ``sub`` to ``name``: queue ``subscribed``, then what it missed or the
         current value, then join the live stream, all without yielding.
+
+        ``delta``: the subscriber applies merge patches (used on ``delta = true`` channels).
 
         Raises:
             BadRequest: ``sub`` is already subscribed to ``name``.
         """
         if name in sub.subscriptions:
             raise BadRequest(f"already subscribed to {name!r}", ref=ref)
+        if delta and self._config.channel_options(name).delta:
+            self.channel(name, now).wants_delta.add(sub.outbox)
         if self.broker is not None:
             # Answered later, once Redis told the channel's epoch, offset and what was missed.
-            self.broker.subscribe(sub, name, since, ref, now)
+            try:
+                self.broker.subscribe(sub, name, since, ref, now)
+            except RelayError:
+                ch = self._channels.get(name)
+                if ch is not None:
+                    ch.wants_delta.discard(sub.outbox)
+                raise
             return
         ch = self.channel(name, now)
         log, mode, enc = ch.log, ch.options.mode, sub.codec.encoding
@@ -331,10 +416,13 @@ class Hub:
         if since is not None and self._metrics is not None:
             self._metrics.recovery(recovered)
         out = sub.outbox
-        out.put(sub.codec.frame(with_ref({
+        answer: dict[str, Any] = {
             "type": "subscribed", "channel": name, "epoch": log.epoch,
             "offset": log.offset, "recovered": recovered,
-        }, ref)))
+        }
+        if ch.gives_delta(out):
+            answer["delta"] = True
+        out.put(sub.codec.frame(with_ref(answer, ref)))
         if self._metrics is not None:
             self._metrics.sent("subscribed", sub.codec.name)
             if follow:
@@ -342,7 +430,7 @@ class Hub:
         for pub in follow:
             # (A state channel's value: a newer one in the same tick replaces it.)
             out.put(ch.frame(pub, enc), name if mode == "state" else None)
-        ch.members.add(out)
+        ch.join(out)
         sub.subscriptions.add(name)
         sub.wake()
         self.presence.joined(sub, name)
@@ -358,7 +446,7 @@ class Hub:
             return
         ch = self._channels.get(name)
         if ch is not None:
-            ch.members.remove(sub.outbox)
+            ch.leave(sub.outbox)
             ch.last_active = now
 
     def disconnect(self, sub: Subscriber, now: float) -> None:

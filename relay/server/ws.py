@@ -449,7 +449,7 @@ class Connection:
                 raise
         elif isinstance(env, envelope.Subscribe):
             self.guard.check_subscribe(env.channel, self.subscriptions, env.ref)
-            server.hub.subscribe(self, env.channel, env.since, env.ref, now)
+            server.hub.subscribe(self, env.channel, env.since, env.ref, now, env.delta)
         elif isinstance(env, envelope.Unsubscribe):
             server.hub.unsubscribe(self, env.channel, now)
             self.send(with_ref({"type": "unsubscribed", "channel": env.channel}, env.ref))

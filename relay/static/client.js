@@ -124,6 +124,26 @@ function checkData(value, depth = 0) {
     "which is not JSON (use objects, arrays, strings, finite numbers, booleans and null)");
 }
 
+/** RFC 7386 JSON Merge Patch: `target` patched by `patch`; neither is changed (untouched parts are shared). */
+export function applyMergePatch(target, patch) {
+  if (patch === null || typeof patch !== "object" || Array.isArray(patch)) return patch;
+  const result = (target !== null && typeof target === "object" && !Array.isArray(target)) ? { ...target } : {};
+  for (const [key, value] of Object.entries(patch)) {
+    if (value === null) delete result[key];
+    else {
+      const next = applyMergePatch(Object.prototype.hasOwnProperty.call(result, key) ? result[key] : undefined, value);
+      // (defineProperty: a member named "__proto__" stays a member, as JSON.parse makes it)
+      Object.defineProperty(result, key, { value: next, enumerable: true, writable: true, configurable: true });
+    }
+  }
+  return result;
+}
+
+function copyValue(value) {
+  if (value === null || typeof value !== "object") return value;
+  return typeof structuredClone === "function" ? structuredClone(value) : JSON.parse(JSON.stringify(value));
+}
+
 function checkChannel(channel) {
   if (typeof channel !== "string" || !channel || /[\s\x00-\x1f\x7f]/.test(channel)) {
     throw new TypeError(`channel must be a non-empty string without whitespace, got ${JSON.stringify(channel)}`);
@@ -205,6 +225,14 @@ export class Subscription {
     this.duplicates = 0;
     this._latencies = [];      // ring of the latest LATENCY_WINDOW latencies (ms)
     this._nextLatency = 0;
+    // Deltas (state channels with delta = true): whether the server sends them to this
+    // subscription, the channel's value as of _valueAt {epoch, offset} (private: onMessage
+    // gets copies), and whether a resubscription for the full value is under way.
+    this._delta = false;
+    this._value = undefined;
+    this._valueAt = null;
+    this._resyncing = false;
+    this.resyncs = 0;
     this.ready = new Promise((resolve, reject) => { this._resolve = resolve; this._reject = reject; });
     this.ready.catch(() => {});  // (a page that never awaits `ready` gets no unhandled rejection)
   }
@@ -348,7 +376,7 @@ class WebSocketTransport {
   subscribe(sub) {
     const since = sub._cursor.since();
     sub._asked = since;
-    const message = { type: "subscribe", channel: sub.channel };
+    const message = { type: "subscribe", channel: sub.channel, delta: true };  // this client applies patches
     if (since) message.since = since;
     this.request(message).catch(() => {});  // (answers are handled in answer())
   }
@@ -979,6 +1007,15 @@ export class Relay extends EventTarget {
     if (t && t.opened && !t.ended) t.unsubscribe(sub);
   }
 
+  /** A delta did not apply to the value held: resubscribe, which brings the full value. */
+  _resync(t, sub) {
+    if (sub._resyncing || t.name !== "websocket") return;
+    sub._resyncing = true;
+    sub.resyncs += 1;
+    t.unsubscribe(sub);
+    t.subscribe(sub);
+  }
+
   _lost(sub, lost) {
     this._emit("lost", lost);
     if (sub._onLost) this._call(sub._onLost, lost);
@@ -992,6 +1029,9 @@ export class Relay extends EventTarget {
       case "subscribed": {
         if (!sub) return;
         const lost = sub._cursor.onSubscribed(sub._asked, msg.epoch, msg.offset, msg.recovered === true);
+        sub._delta = msg.delta === true;
+        sub._resyncing = false;
+        if (sub._valueAt && sub._valueAt.epoch !== msg.epoch) sub._valueAt = null;
         this._emit("subscribed", { channel: msg.channel, epoch: msg.epoch, offset: msg.offset, recovered: msg.recovered === true });
         if (lost) this._lost(sub, lost);
         sub._resolve(sub);
@@ -1000,18 +1040,33 @@ export class Relay extends EventTarget {
       case "message":
       case "poke": {
         if (!sub || !sub._active) return;
+        let data = msg.type === "poke" ? null : msg.data;
+        if (msg.type === "message" && msg.delta === true) {
+          const c = sub._cursor;
+          if (c.offset !== null && msg.offset <= c.offset && msg.epoch === undefined) { sub.duplicates += 1; return; }
+          const at = sub._valueAt;
+          if (msg.epoch !== undefined || !at || at.epoch !== c.epoch || at.offset !== msg.base) {
+            this._resync(t, sub);  // not the value held: fetch the full one, never patch the wrong base
+            return;
+          }
+          data = applyMergePatch(sub._value, data);
+        }
         const { deliver, lost } = sub._cursor.onMessage(msg.offset, msg.epoch);
         if (lost) this._lost(sub, lost);
         if (!deliver) { sub.duplicates += 1; return; }
         sub.delivered += 1;
+        if (sub._delta && msg.type === "message") {
+          sub._value = data;
+          sub._valueAt = { epoch: sub._cursor.epoch, offset: msg.offset };
+          data = copyValue(data);
+        }
         // ts: the server's publish stamp (unix µs on the wire), here in ms like Date.now().
         const received = nowMs();
         const ts = Number.isInteger(msg.ts) ? msg.ts / 1000 : null;
         const latency = ts === null ? null : received - ts;
         if (latency !== null) sub._recordLatency(latency);
         this._call(sub._onMessage, { channel: msg.channel, offset: msg.offset, epoch: sub._cursor.epoch,
-                                     data: msg.type === "poke" ? null : msg.data, poke: msg.type === "poke",
-                                     ts, received, latency });
+                                     data, poke: msg.type === "poke", ts, received, latency });
         return;
       }
       case "gap": {
