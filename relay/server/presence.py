@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import hiredis
 import trio
 
 from ..core.auth import ANONYMOUS
@@ -49,6 +48,15 @@ if TYPE_CHECKING:
     from .hub import Hub, Subscriber
 
 log = logging.getLogger("relay.presence")
+
+
+def _is_reply_error(reply: Any) -> bool:
+    """Whether ``reply`` is an error reply from Redis (only ever called with ``redis_url``,
+    so hiredis, part of the ``redis`` extra, is imported here and not at start-up)."""
+    import hiredis
+
+    return isinstance(reply, hiredis.ReplyError)
+
 
 # KEYS: members hash, nodes hash. ARGV: 1 node, 2 ttl ms, 3 announce cap (-1: announce
 # nothing, 0: no cap), 4 pub/sub key, 5 publish command, 6 '1': replace this node's
@@ -171,7 +179,7 @@ def _run_script(shard: Any, script: str, args: list[Any], done: Callable[[Any], 
         raise shard.unavailable()
 
     def answered(reply: Any) -> None:
-        if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
+        if _is_reply_error(reply) and str(reply).startswith("NOSCRIPT"):
             current = shard.pipeline
             if current is not None:
                 try:
@@ -327,7 +335,7 @@ class Presence:
             raise
 
         def answered(reply: Any) -> None:
-            if isinstance(reply, RelayError) or isinstance(reply, hiredis.ReplyError):
+            if isinstance(reply, RelayError) or _is_reply_error(reply):
                 conn.send_error("unavailable", f"redis {shard.endpoint.shown} could not answer "
                                 f"{kind}: {reply}", ref)
                 return
@@ -377,8 +385,8 @@ class Presence:
         args += leaves
 
         def answered(reply: Any) -> None:
-            if isinstance(reply, (RelayError, hiredis.ReplyError)):
-                if isinstance(reply, hiredis.ReplyError) and str(reply).startswith(("MOVED", "ASK")):
+            if isinstance(reply, RelayError) or _is_reply_error(reply):
+                if _is_reply_error(reply) and str(reply).startswith(("MOVED", "ASK")):
                     bridge.topology_suspect()
                 log.debug("channel %r: presence write failed (%s); rewritten at the next refresh",
                           name, reply)
