@@ -46,6 +46,7 @@ class Outbox:
     superseded: int
     fd: int
     oldest: float
+    behind: bool
     def __init__(self, limit: int, encoding: int = 0, owner: Any = None) -> None: ...
     @property
     def holds(self) -> int: ...

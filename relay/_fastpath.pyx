@@ -382,7 +382,9 @@ A connection's bounded queue of encoded frames, drained by its writer task.
     policy decides. Once a channel has dropped or conflated a frame, every later
     frame of that channel is dropped or conflated too until the writer drains the
     outbox with :meth:`take`, so a subscriber never sees a stale value after a
-    fresh one and a gap is one contiguous range.
+    fresh one and a gap is one contiguous range. A conflating outbox stays so
+    (:attr:`behind`) until a write leaves nothing waiting: the writer and :func:`flush`
+    clear it.
     """
 
     cdef object _limit_obj      # what the caller set, returned by .limit
@@ -406,6 +408,7 @@ A connection's bounded queue of encoded frames, drained by its writer task.
     cdef dict _slots            # "latest" key -> index in _frames of its newest frame
     cdef public Py_ssize_t superseded
     cdef public double oldest   # stamp of the oldest channel frame waiting; 0.0: none
+    cdef public bint behind     # a value was held; conflate until a write drains everything
 
     def __cinit__(self):
         # Containers exist before __init__ runs, so no method ever sees None.
@@ -440,6 +443,7 @@ A connection's bounded queue of encoded frames, drained by its writer task.
         self._slots = {}
         self.superseded = 0
         self.oldest = 0.0
+        self.behind = False
 
     @property
     def holds(self):
@@ -636,7 +640,10 @@ A connection's bounded queue of encoded frames, drained by its writer task.
                 return _RES_CONFLATED
             # Once one value is held, so is every later one (per key): the held values then
             # all come after the queued frames, so offsets never go backwards on the wire.
-            if len(self._conflated) != 0 or self._size - freed + n > self._limit:
+            # And until a write leaves nothing behind (``behind``): what a subscriber that
+            # fell behind gets next is the newest value per key, not a queue of old ones.
+            if len(self._conflated) != 0 or self.behind or self._size - freed + n > self._limit:
+                self.behind = True
                 if full is not None:
                     frame = full
                     n = PyBytes_GET_SIZE(frame) if PyBytes_CheckExact(frame) else len(frame)
@@ -967,6 +974,8 @@ cdef Py_ssize_t _write_direct(Outbox box, list wake, long long* per_encoding) ex
         box._size = length - n
         box.oldest = oldest  # (its oldest frame has not left entirely)
         wake.append(box.owner)
+    else:
+        box.behind = False  # everything it had is written: it keeps up again
     return n
 
 

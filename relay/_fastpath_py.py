@@ -159,14 +159,16 @@ class Outbox:
     policy decides. Once a channel has dropped or conflated a frame, every later
     frame of that channel is dropped or conflated too until the writer drains the
     outbox with :meth:`take`, so a subscriber never sees a stale value after a
-    fresh one and a gap is one contiguous range.
+    fresh one and a gap is one contiguous range. A conflating outbox stays so
+    (:attr:`behind`) until a write leaves nothing waiting: the writer and :func:`flush`
+    clear it.
     """
 
     __slots__ = (
         "limit", "encoding", "owner", "_frames", "_size", "_closed",
         "_conflated", "_gaps", "dropped", "conflated", "queued",
         "fd", "_holds", "_dirty", "_rest", "_batched", "_plain", "_slots", "superseded",
-        "oldest",
+        "oldest", "behind",
     )
 
     def __init__(self, limit: int, encoding: int = ENC_JSON, owner: Any = None) -> None:
@@ -203,6 +205,9 @@ class Outbox:
         #: The ``stamp`` given with the oldest channel frame still waiting (queued or held
         #: by conflation; see :meth:`offer`); 0.0 when none waits. The writer's lag.
         self.oldest = 0.0
+        #: A value was held (conflated): until a write leaves nothing waiting (the
+        #: writer or :func:`flush` clears it), every later conflate-policy frame is held too.
+        self.behind = False
 
     @property
     def holds(self) -> int:
@@ -368,7 +373,10 @@ class Outbox:
                 return OFFER_CONFLATED
             # Once one value is held, so is every later one (per key): the held values then
             # all come after the queued frames, so offsets never go backwards on the wire.
-            if self._conflated or self._size - freed + n > self.limit:
+            # And until a write leaves nothing behind (``behind``): what a subscriber that
+            # fell behind gets next is the newest value per key, not a queue of old ones.
+            if self._conflated or self.behind or self._size - freed + n > self.limit:
+                self.behind = True
                 if full is not None:
                     frame, n = full, len(full)
                 if slot >= 0:
@@ -639,6 +647,8 @@ def _write_direct(box: Outbox, wake: list[Any], by_encoding: list[int] | None) -
         box._size = len(box._rest)
         box.oldest = oldest  # (its oldest frame has not left entirely)
         wake.append(box.owner)
+    else:
+        box.behind = False  # everything it had is written: it keeps up again
     return n
 
 

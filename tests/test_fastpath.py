@@ -329,6 +329,11 @@ def _run(box: Any, op: Op) -> Any:
         return (box.size, box.pending, box.closed)
     if name == "counters":
         return (box.queued, box.dropped, box.conflated)
+    if name == "behind":
+        return box.behind
+    if name == "written":  # what the writer or flush() does once a write left nothing behind
+        box.behind = False
+        return None
     raise AssertionError(f"unknown op {name}")
 
 
@@ -433,11 +438,17 @@ OUTBOX_SCENARIOS = [
             (("put", b"P"), None),
             (("take",), b"aaaPdddd"),  # queued frames first, then held values
             (("state",), (0, False, False)),
-            (("offer", "a", b"e", CONF, 5), QUEUED),  # conflation ends with take()
-            (("take",), b"e"),
-            (("counters",), (3, 0, 3)),
+            (("behind",), True),
+            # still behind until a write drained everything: newest value only
+            (("offer", "a", b"e", CONF, 5), CONFLATED),
+            (("offer", "a", b"f", CONF, 6), CONFLATED),
+            (("take",), b"f"),
+            (("written",), None),
+            (("offer", "a", b"g", CONF, 7), QUEUED),  # conflation ends once it keeps up
+            (("take",), b"g"),
+            (("counters",), (3, 0, 5)),
         ],
-        id="conflate-until-take",
+        id="conflate-until-written",
     ),
     pytest.param(
         3,

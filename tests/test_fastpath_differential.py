@@ -170,7 +170,7 @@ outbox_ops = st.one_of(
 def outbox_state(box: Any) -> tuple[Any, ...]:
     return (box.limit, box.encoding, box.owner, box.size, box.closed, box.pending,
             box.dropped, box.conflated, box.queued, box.batched, box.superseded, box.oldest,
-            box.depth)
+            box.depth, box.behind)
 
 
 def apply_outbox(box: Any, op: tuple[Any, ...]) -> Any:

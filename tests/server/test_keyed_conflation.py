@@ -49,6 +49,13 @@ async def test_a_stalled_subscriber_gets_the_newest_value_of_every_symbol_fast_o
                 last = {SYMBOLS[i % len(SYMBOLS)]: i for i in range(1, n + 1)}
                 assert newest == last
                 assert received < n, "nothing was conflated; publish more"
+                # Caught up, it is no longer behind: two updates of one symbol published in one
+                # go (one read pass, one flush) both arrive, neither conflated.
+                async with open_client(server) as pub:
+                    for i in (n + 1, n + 1 + len(SYMBOLS)):
+                        await pub.send({"type": "publish", "channel": channel, "data": _tick(i)})
+                    got = [await slow.recv_json() for _ in range(2)]
+                    assert [m["offset"] for m in got] == [n + 1, n + 2], got
                 # and the connection is fine
                 await slow.send_json({"type": "ping", "ref": "p"})
                 while (msg := await slow.recv_json())["type"] != "pong":
