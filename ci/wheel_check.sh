@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Build the wheel, check what is in it (the compiled .so; no .c/.pyx/.html), install it
 # into a throwaway venv and check, from outside the source tree, that the compiled fast
-# path is the one selected. Uses the `python` on PATH, which needs `build` installed.
+# path is the one selected, then run tests/deploy with the relay nodes from that wheel.
+# Uses the `python` on PATH, which needs `build` installed.
 set -euxo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+repo=$(pwd)
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -39,7 +41,8 @@ if errors:
 PY
 
 python -m venv "$work/venv"
-"$work/venv/bin/python" -m pip install "$wheel"
+# (with the redis extra: the rolling restart below runs the nodes on Redis)
+"$work/venv/bin/python" -m pip install "${wheel}[redis]"
 cd "$work"  # away from the checkout, so `relay` can only come from the installed wheel
 "$work/venv/bin/python" - "$work/venv" <<'PY'
 import sys
@@ -53,3 +56,9 @@ assert relay._fastpath.__file__.startswith(sys.argv[1]), relay._fastpath.__file_
 assert f.encode_frame(f.OP_TEXT, b"hi") == b"\x81\x02hi"
 PY
 "$work/venv/bin/relay" --help >/dev/null
+
+# The operator's path (issue 7): relay from the built wheel, behind Debian's nginx and
+# HAProxy with the shipped configs, on Redis, restarted node by node under load. The test
+# process (clients, proxies, Redis) runs from the checkout; the relay nodes run the wheel.
+"$work/venv/bin/relay" version
+(cd "$repo" && RELAY_TEST_SERVE="$work/venv/bin/relay" timeout -k 30 300 python -m pytest -q -p no:cacheprovider tests/deploy)

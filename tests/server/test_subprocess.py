@@ -37,14 +37,22 @@ LISTENING = re.compile(r"relay listening on ws://127\.0\.0\.1:(\d+)/ws \(node ([
 CONFIG_ENV = {"RELAY_CONFIG", *("RELAY_" + key.upper() for key in CONFIG_KEYS)}
 
 
+#: A ``relay`` command installed from a built wheel (ci/wheel_check.sh sets it to run
+#: tests/deploy against the wheel); unset: ``python -m relay`` from this checkout.
+INSTALLED_RELAY = os.environ.get("RELAY_TEST_SERVE", "")
+
+
 def child_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in CONFIG_ENV}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+    if not INSTALLED_RELAY:  # (an installed relay must not import this checkout instead)
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
     env.update(extra)
     return env
 
 
 def relay_cmd(*args: str) -> list[str]:
+    if INSTALLED_RELAY:
+        return [INSTALLED_RELAY, "serve", *args]
     return [sys.executable, "-m", "relay", "serve", *args]
 
 
