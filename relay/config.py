@@ -39,6 +39,9 @@ CONFIG_PATH_ENV = "RELAY_CONFIG"
 CHANNELS_ENV = "RELAY_CHANNELS"
 
 MAX_PORT = 65535
+#: The tick intervals allowed (``?tick_ms=`` and the channel option ``tick_ms``), in ms.
+MIN_TICK_MS = 10
+MAX_TICK_MS = 1000
 MAX_MESSAGE_SIZE_BYTES = 16 * 1024 * 1024
 MAX_CHANNEL_LENGTH_LIMIT = 1024
 CHANNEL_CACHE_ENTRIES = 10_000
@@ -82,6 +85,9 @@ class ChannelOptions:
     join_leave_max_members: int = 1000
     #: State channels only: subscribers that ask for it get JSON Merge Patch deltas.
     delta: bool = False
+    #: > 0: the channel's messages are delivered once per tick, as one frame holding the
+    #: array of the tick's messages (only the newest on a state channel), built once.
+    tick_ms: int = 0
 
     def __post_init__(self) -> None:
         if not self.slow_consumer:
@@ -420,6 +426,8 @@ _CHANNEL_SPECS: dict[str, _Spec] = {
     "join_leave": _Spec(bool, "true or false"),
     "join_leave_interval": _non_negative_seconds(),
     "join_leave_max_members": _limit(),
+    "tick_ms": _Spec(int, f"0 (no ticks) or an integer from {MIN_TICK_MS} to {MAX_TICK_MS} (milliseconds "
+                     "between deliveries)", lambda v: v == 0 or MIN_TICK_MS <= v <= MAX_TICK_MS),
     "delta": _Spec(bool, "true or false"),
 }
 
@@ -608,6 +616,16 @@ def _parse_channel(raw: object, index: int, source: str) -> ChannelOptions:
     if "slow_consumer" not in values:
         values["slow_consumer"] = (
             "conflate" if values.get("conflate_key") else DEFAULT_SLOW_CONSUMER[values.get("mode", "stream")])
+    if values.get("tick_ms"):
+        for other, why in (("conflate_key", "a tick's frame holds every symbol of the tick"),
+                           ("delta", "patches need their base in the same frame stream")):
+            if values.get(other):
+                raise _not_allowed(source, f"{where}.tick_ms", values["tick_ms"],
+                                   f"0 on a channel with {other} (not supported together: {why})")
+        if values["slow_consumer"] == "drop":
+            raise _not_allowed(source, f"{where}.tick_ms", values["tick_ms"],
+                               '0 with slow_consumer = "drop" (a tick is delivered or conflated '
+                               "whole; use disconnect or conflate)")
     if values.get("join_leave") and not values.get("presence"):
         raise _not_allowed(source, f"{where}.join_leave", True,
                            "false, or presence = true in the same table (join and leave "

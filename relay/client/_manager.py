@@ -413,6 +413,9 @@ class _ConnectionManager(_ClientBase):
                 items = msgpack.unpackb(raw, raw=False, strict_map_key=False, ext_hook=_no_ext)
         except (ValueError, RecursionError, msgpack.UnpackException, msgpack.ExtraData) as exc:
             raise _ProtocolError(f"undecodable batch of messages from the server: {exc}") from None
+        if isinstance(items, list) and any(isinstance(m, list) for m in items):
+            # A channel's tick (``tick_ms`` in its options) inside a connection's tick.
+            items = [m for item in items for m in (item if isinstance(item, list) else [item])]
         if not isinstance(items, list) or not all(isinstance(m, dict) for m in items):
             raise _ProtocolError("a batch of messages from the server holds something else than messages")
         return items

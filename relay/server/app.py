@@ -150,6 +150,8 @@ class RelayServer:
             nursery.start_soon(self._sweeper)
             nursery.start_soon(self._flusher)
             nursery.start_soon(self._heartbeater)
+            for tick_ms in sorted({c.tick_ms for c in self.config.channels if c.tick_ms}):
+                nursery.start_soon(self._channel_ticker, tick_ms)
             await nursery.start(self.hub.presence.run)
             log.info("relay listening on %s (node %s)", self.url, self.node_id)
             task_status.started(self)
@@ -268,6 +270,20 @@ class RelayServer:
             # meanwhile starts a new ticker.)
             if self._ticks.get(tick_ms) is members:
                 del self._ticks[tick_ms]
+
+    async def _channel_ticker(self, tick_ms: int) -> None:
+        """Every ``tick_ms``, hand the channels with that ``tick_ms`` option their tick's
+        messages as one batch frame each (:meth:`Hub.tick`); the flusher writes them.
+        On a fixed grid; late ticks are skipped, not caught up in a burst."""
+        interval = tick_ms / 1000.0
+        next_tick = trio.current_time() + interval
+        while True:
+            await trio.sleep_until(next_tick)
+            self.hub.tick(tick_ms)
+            next_tick += interval
+            now = trio.current_time()
+            if next_tick <= now:
+                next_tick = now + interval
 
     def add_connection(self, conn: Connection) -> None:
         self.connections[conn.id] = conn

@@ -259,6 +259,18 @@ def _limiters(server: RelayServer) -> _Limiters:
     return found
 
 
+def _messages(data: bytes) -> Iterator[tuple[dict[str, Any], bytes]]:
+    """Yield each message in ``data`` with its JSON: a ticked channel's frame (an array of
+    messages, see ``tick_ms``) yields each of its messages, one event each."""
+    for payload in _payloads(data):
+        msg = loads_json(payload)
+        if isinstance(msg, list):
+            for item in msg:
+                yield item, dumps_json(item)
+        else:
+            yield msg, payload
+
+
 def _payloads(data: bytes) -> Iterator[bytes]:
     """Yield the payloads of the unmasked WebSocket frames in ``data`` (see ``encode_frame``)."""
     i, n = 0, len(data)
@@ -355,8 +367,7 @@ class _Subscriber:
         outbox = self.outbox
         data = outbox.take()
         events: list[tuple[dict[str, Any], bytes]] = []
-        for payload in _payloads(data):
-            msg = loads_json(payload)
+        for msg, payload in _messages(data):
             if msg.get("type") == "error":
                 # A subscription the broker could not make (Redis unavailable): these
                 # transports have no request to answer, so the client is told to come back.

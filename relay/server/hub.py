@@ -18,6 +18,7 @@ import random
 import secrets
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -74,7 +75,7 @@ class Channel:
     """One channel's options, log and members."""
 
     __slots__ = ("name", "options", "policy", "log", "members", "last_active",
-                 "plain", "deltas", "wants_delta", "last")
+                 "plain", "deltas", "wants_delta", "last", "pending", "flush_tick")
 
     def __init__(self, name: str, options: ChannelOptions, epoch: str, now: float) -> None:
         self.name = name
@@ -92,9 +93,18 @@ class Channel:
         self.last: Publication | None = None
         if options.delta and options.mode == "state":
             self.plain, self.deltas = fastpath.Members(), fastpath.Members()
+        # Channel ticks (``tick_ms``): the publications of the tick under way, and what
+        # delivers them now (the hub sets it).
+        self.pending: list[Publication] = []
+        self.flush_tick: Callable[[], None] | None = None
 
     def join(self, out: Any) -> None:
-        """Make ``out`` a member (of ``deltas`` when it asked for deltas)."""
+        """Make ``out`` a member (of ``deltas`` when it asked for deltas).
+
+        On a ticked channel the tick under way is delivered first, to the members it was
+        for: what ``out`` got before joining (history, the current value) covers it."""
+        if self.pending and self.flush_tick is not None:
+            self.flush_tick()
         self.members.add(out)
         if self.deltas is not None:
             (self.deltas if self.gives_delta(out) else self.plain).add(out)
@@ -218,6 +228,8 @@ class Hub:
         #: (ingress, pattern, mode) of each publication fanned out since the last flush:
         #: the flusher records their publish-to-write latency once it has written them.
         self.written: list[tuple[float, str, str]] = []
+        #: Channels with a tick under way, by their ``tick_ms`` (see :meth:`tick`).
+        self._ticked: dict[int, dict[str, Channel]] = {}
         #: The Redis engine when ``redis_url`` is set (set by the server); None: in memory.
         self.broker: RedisBridge | None = None
         #: Presence members and join/leave (relay.server.presence); its task runs in the server.
@@ -236,6 +248,8 @@ class Hub:
             # With Redis the epoch is Redis' (the bridge fills it in once it has read it).
             epoch = "" if self.broker is not None else secrets.token_hex(4)
             ch = Channel(name, self._config.channel_options(name), epoch, now)
+            if ch.options.tick_ms:
+                ch.flush_tick = partial(self._flush_tick, ch)
             self._channels[name] = ch
         return ch
 
@@ -334,6 +348,16 @@ class Hub:
         """Hand ``pub`` (the channel's next message) to every member: encode once per
         encoding in use, offer the frames, wake the flusher, kick overflowing members."""
         self.publications += 1
+        tick_ms = ch.options.tick_ms
+        if tick_ms:
+            # Delivered at the end of the tick (:meth:`tick`); a state channel keeps only
+            # its newest value.
+            if ch.options.mode == "state":
+                ch.pending[:] = [pub]
+            else:
+                ch.pending.append(pub)
+            self._ticked.setdefault(tick_ms, {})[ch.name] = ch
+            return
         members = ch.members
         deltas = ch.deltas
         if deltas is not None:
@@ -373,6 +397,48 @@ class Hub:
                     self._metrics.slow_consumer("disconnect", len(overflowed))
         if deltas is not None:
             ch.last = pub
+
+    def tick(self, tick_ms: int) -> None:
+        """End the tick of every channel whose ``tick_ms`` option is ``tick_ms``: each
+        delivers what it got during the tick as one frame (see :meth:`_flush_tick`)."""
+        channels = self._ticked.pop(tick_ms, None)
+        if channels:
+            for ch in channels.values():
+                self._flush_tick(ch)
+
+    def _flush_tick(self, ch: Channel) -> None:
+        """Deliver ``ch``'s pending publications as one batch frame (an array of their
+        messages, :func:`fastpath.encode_batch`), built once per encoding in use and shared
+        by every member; the slow-consumer policy sees it as one message (the last offset)."""
+        pubs = ch.pending
+        if not pubs:
+            return
+        ch.pending = []
+        members = ch.members
+        if not len(members):
+            return
+        opts = ch.options
+        frames = tuple(
+            fastpath.encode_batch(enc, [ch.frame(pub, enc) for pub in pubs]) if members.count(enc) else None
+            for enc in range(fastpath.N_ENCODINGS)
+        )
+        overflowed = fastpath.fanout_into(members, frames, ch.name, ch.policy, pubs[-1].offset,
+                                          self.dirty, opts.mode == "state", stamp=time.monotonic())
+        for pub in pubs:
+            self.written.append((pub.ingress, opts.pattern, opts.mode))
+        self.wake_flusher()
+        if trace_log.isEnabledFor(logging.DEBUG):
+            for pub in pubs:
+                trace_log.debug("delivered %s", pub.trace, extra=logs.fields(
+                    event="deliver", trace=pub.trace, channel=ch.name, offset=pub.offset,
+                    subscribers=len(members)))
+        for sub in overflowed:
+            sub.kick(CLOSE_SLOW_CONSUMER, "slow consumer: send queue overflowed")
+        if self._metrics is not None:
+            for _ in pubs:
+                self._metrics.delivered(members, opts.mode)
+            if overflowed:
+                self._metrics.slow_consumer("disconnect", len(overflowed))
 
     def subscribe(self, sub: Subscriber, name: str, since: Since | None, ref: Ref, now: float,
                   delta: bool = False) -> None:

@@ -31,6 +31,7 @@ from trio_websocket import WebSocketConnection
 from wsproto.connection import ConnectionState
 
 from .. import fastpath
+from ..config import MAX_TICK_MS, MIN_TICK_MS  # (the tick intervals a client may ask for)
 from ..core import envelope
 from ..core.codec import Codec
 from ..core.auth import ANONYMOUS, Identity
@@ -51,9 +52,6 @@ CLOSE_INTERNAL_ERROR = 1011
 CLOSE_GRACE_SECONDS = 2.0
 #: The heartbeat ping; any pong counts as the answer.
 PING_FRAME = fastpath.encode_frame(fastpath.OP_PING, b"relay")
-#: The tick intervals a client may ask for (``?tick_ms=N`` on the WebSocket URL).
-MIN_TICK_MS = 10
-MAX_TICK_MS = 1000
 
 
 class _HoldingLock:

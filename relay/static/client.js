@@ -311,9 +311,14 @@ class WebSocketTransport {
       let parsed;
       try { parsed = JSON.parse(e.data); } catch { this.abort(1002, "undecodable message from the server"); return; }
       this.alive();
-      // On a ticked connection one frame holds an array of messages, in order.
-      if (Array.isArray(parsed)) { for (const msg of parsed) { if (this.ended) return; this.receive(msg); } }
-      else this.receive(parsed);
+      // A ticked connection or channel sends an array of messages, in order (a channel's
+      // tick inside a connection's tick: an array in the array).
+      const each = (item) => {
+        if (this.ended) return;
+        if (Array.isArray(item)) item.forEach(each);
+        else this.receive(item);
+      };
+      each(parsed);
     };
     ws.onclose = (e) => this.end({ code: this.opened ? e.code : null, reason: e.reason || (this.opened ? "connection lost" : "the WebSocket did not open") });
   }
