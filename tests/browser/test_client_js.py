@@ -394,3 +394,20 @@ async def test_presence_and_join_leave_events(chromium: Chromium) -> None:
             me = members[0]["conn"]
             assert got == [("join", "lobby.1", me), ("join", "lobby.1", other.welcome["session"]),
                            ("leave", "lobby.1", other.welcome["session"])]
+
+
+async def test_a_ticked_channel_inside_a_ticked_connection_in_the_browser(chromium: Chromium) -> None:
+    """A channel with ``tick_ms`` sends arrays; on a connection with ``tickMs`` they arrive
+    inside the connection's arrays: the page gets every message once, in order."""
+    channels = [{"pattern": "tick.*", "tick_ms": 30}]
+    with trio.fail_after(30):
+        async with running_server(channels=channels) as server, \
+                open_page(chromium, f"{server.http_url}/client.js") as page:
+            await page.eval("([url]) => start(url, {tickMs: 20})", [server.url])
+            await page.wait("relay.status === 'connected'")
+            await page.eval("window.s = sub('tick.both'); s.ready.then(() => 0)")
+            for n in range(12):
+                await http_publish(server.port, "tick.both", n)
+            await page.wait("received['tick.both'].length >= 12")
+            await trio.sleep(0.1)
+            assert await page.received("tick.both") == [(n + 1, n) for n in range(12)]
