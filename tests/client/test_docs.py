@@ -28,9 +28,9 @@ def examples() -> dict[str, str]:
     return found
 
 
-def test_the_doc_has_the_three_examples_and_they_compile() -> None:
+def test_the_doc_has_the_four_examples_and_they_compile() -> None:
     found = examples()
-    assert set(found) == {"chat.py", "ticker.py", "lobby.py"}
+    assert set(found) == {"chat.py", "ticker.py", "lobby.py", "feed.py"}
     for block in BLOCK.findall(DOC.read_text()):
         if block.startswith(("import", "# file:")):
             compile(block, "docs/clients.md", "exec")
@@ -133,6 +133,51 @@ async def test_lobby(tmp_path: Path) -> None:
                     await player.proc.stdin.aclose()
 
 
-@pytest.mark.parametrize("name", ["chat.py", "ticker.py", "lobby.py"])
+@pytest.mark.parametrize("name", ["chat.py", "ticker.py", "lobby.py", "feed.py"])
 def test_examples_say_how_to_run_them(name: str) -> None:
     assert f"python {name}" in examples()[name]
+
+
+async def test_feed_fast_reader_gets_everything_slow_reader_the_newest_of_every_symbol(tmp_path: Path) -> None:
+    """The trading-feed example, run as written: 50 symbols, 1,500 updates; the fast reader
+    reads every one, the slow one (5 ms per update) far fewer, and both end with the last
+    price of every symbol."""
+    symbols = [f"S{i:02d}" for i in range(50)]
+    channels = [{"pattern": "ticks.*", "conflate_key": "symbol"}]
+    DEPTH = [[100 + i / 100, 10 * i] for i in range(40)]  # noqa: N806
+    with trio.fail_after(60):
+        async with running_server(channels=channels, max_message_size=4096, send_queue_size=16384) as server, \
+                trio.open_nursery() as nursery:
+            fast = await start(nursery, tmp_path, server.url, "feed.py")
+            slow = await start(nursery, tmp_path, server.url, "feed.py", "0.005")
+            await fast.wait_line("subscribed")
+            await slow.wait_line("subscribed")
+            last: dict[str, float] = {}
+            n = 0
+            for _ in range(30):  # 30 rounds over the symbols, 1,500 updates in ~1.5 s
+                for symbol in symbols:
+                    n += 1
+                    last[symbol] = price = round(100 + n / 100, 2)
+                    # (an order-book's worth of depth per update: the socket buffers hold few)
+                    server.hub.publish("ticks.eq", {"symbol": symbol, "price": price, "depth": DEPTH},
+                                       trio.current_time())
+                await trio.sleep(0.05)
+            # The slow reader still works through what its socket buffers hold: wait until
+            # its once-a-second count stops moving.
+            counts: list[str] = []
+            while len(counts) < 2 or counts[-1] != counts[-2]:
+                await trio.sleep(1.05)
+                counts.append([line for line in slow.lines if line.startswith("symbols ")][-1].split()[3])
+            for program in (fast, slow):
+                await stop(program)
+                assert program.proc.returncode == 0, program.lines
+    summaries = {}
+    for name, program in (("fast", fast), ("slow", slow)):
+        summary = [line for line in program.lines if line.startswith("symbols ")][-1]
+        words = summary.split()
+        summaries[name] = int(words[3])
+        assert words[1] == "50", summary
+        held = dict(line.split() for line in program.lines if line.startswith("S"))
+        assert {symbol: float(price) for symbol, price in held.items()} == last, name
+    assert summaries["fast"] == 1500, summaries
+    assert summaries["slow"] < 1000, summaries
