@@ -298,3 +298,102 @@ def test_relay_bench_w5_quick_deltas_save_bytes_and_end_right(tmp_path: Path) ->
             assert r[f"{enc}_delta"]["bytes"] < r[f"{enc}_full"]["bytes"]
     assert steps[0]["json_saved"] > 0.5 and steps[1]["json_saved"] > 0.5
     assert "W5: bytes on the wire" in proc.stdout
+
+
+def _tick_server(listener: socket.socket, encoding: str, seen: dict[str, Any]) -> None:
+    """Accept one subscriber and answer like a ?tick_ms= connection: every frame after the
+    welcome an array of messages (awkward strings inside, and a ping between two arrays)."""
+    conn, _ = listener.accept()
+    with conn:
+        conn.settimeout(10)
+        request = b""
+        while b"\r\n\r\n" not in request:
+            request += conn.recv(4096)
+        seen["request"] = request.decode()
+        conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+        _read_client_frame(conn)  # subscribe
+
+        def enc(obj: Any) -> bytes:
+            if encoding == "json":
+                return json.dumps(obj, separators=(",", ":")).encode()
+            return msgpack.packb(obj)  # type: ignore[no-any-return]
+
+        def msg(seq: int, pad: str = "x") -> dict[str, Any]:
+            return {"type": "message", "channel": "bench.0", "offset": seq + 1,
+                    "data": {"t": time.monotonic_ns(), "s": seq, "p": pad}, "ts": 1795835952438554}
+
+        opcode = 1 if encoding == "json" else 2
+        script = [
+            _frame(opcode, enc({"type": "welcome", "tick_ms": 33})),  # on its own, as always
+            _frame(opcode, enc([{"type": "subscribed", "channel": "bench.0", "offset": 0, "x": [1, {"y": None}]},
+                                msg(0)])),
+            _frame(opcode, enc([msg(1, 'a}"{]['), msg(2, "\\"), msg(3, "z" * 300), msg(4, "é")])),
+            _frame(9, b"hi"),
+            _frame(opcode, enc([{"type": "pong", "ref": [1.5, True, False]}, msg(5)])),
+            _frame(opcode, enc([msg(k) for k in range(6, 26)])),  # 20 elements: msgpack's array16 form
+        ]
+        stream = b"".join(script)
+        for i in range(0, len(stream), 5):  # frames split across reads
+            conn.sendall(stream[i:i + 5])
+        seen["pong"] = _read_client_frame(conn)
+        conn.sendall(_frame(8, struct.pack("!H", 1000)))
+        seen["close"] = _read_client_frame(conn)
+
+
+@pytest.mark.parametrize("encoding", ["json", "msgpack"])
+def test_cload_unpacks_tick_arrays(cload: Path, encoding: str) -> None:
+    """cload sub --path /ws?tick_ms=N: every element of an array frame counts as a message
+    (W6); frames that carried messages, and the array frames, are counted apart."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    seen: dict[str, Any] = {}
+    server = threading.Thread(target=_tick_server, args=(listener, encoding, seen), daemon=True)
+    server.start()
+    try:
+        proc = subprocess.run(
+            [str(cload), "sub", "--port", str(listener.getsockname()[1]), "--conns", "1", "--encoding", encoding,
+             "--path", "/ws?tick_ms=33", "--first-seq", "0", "--last-seq", "25", "--duration", "20",
+             "--start", "now"],
+            capture_output=True, text=True, timeout=30, check=True)
+    finally:
+        server.join(10)
+        listener.close()
+    ready, result = (json.loads(line) for line in proc.stdout.splitlines())
+    assert ready["subscribed"] == 1
+    assert seen["request"].startswith("GET /ws?tick_ms=33 HTTP/1.1\r\n")
+    assert seen["pong"] == (0xA, b"hi")
+    got = {k: result[k] for k in ("expected", "received", "loss", "offset_gap_events", "out_of_order", "duplicates",
+                                  "seq_gap_events", "unparsed_messages", "other_messages", "protocol_errors",
+                                  "msg_frames", "array_frames", "stopped_by")}
+    assert got == {"expected": 26, "received": 26, "loss": 0, "offset_gap_events": 0, "out_of_order": 0,
+                   "duplicates": 0, "seq_gap_events": 0, "unparsed_messages": 0, "other_messages": 2,
+                   "protocol_errors": 0, "msg_frames": 4, "array_frames": 4, "stopped_by": "all_done"}
+    assert result["latency_us"]["count"] == 26
+
+
+def test_relay_bench_w6_quick_ticks_lose_nothing_in_fewer_frames(tmp_path: Path) -> None:
+    """A short W6 run against a real relay server: with and without ticks every subscriber gets
+    every message in offset order; with ticks in fewer frames than messages; on a state channel
+    with ticks fewer messages than published, in order, ending with the last (not timed)."""
+    impl = "compiled" if fastpath.IMPLEMENTATION == "cython" else "pure"
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run(
+        [sys.executable, "-m", "relay", "bench", "w6", "--quick", "--impl", impl, "--json", str(out)],
+        capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    steps = json.loads(out.read_text())["scenarios"]["w6"][f"relay-{impl}"]["steps"]
+    assert [(r["mode"], r["tick_ms"]) for r in steps] == [("stream", 0), ("stream", 33), ("state", 33)]
+    for r in steps:
+        assert r["pass"] and r["fastpath"] == fastpath.IMPLEMENTATION, r
+        lg = r["loadgen"]
+        assert (r["out_of_order"], r["closes"], r["eof"], lg["unparsed_messages"]) == (0, 0, 0, 0), r
+    plain, ticked, state = steps
+    for r in (plain, ticked):
+        assert r["received_deliveries"] == r["expected_deliveries"] > 0 and r["loss"] == 0
+        assert r["offset_gaps"] == 0 and r["loadgen"]["seq_gap_events"] == 0
+        assert r["loadgen"]["deliveries_all"] == r["publisher"]["sent"] * r["subscribers"]
+    assert plain["frames_per_message"] == 1 and plain["loadgen"]["array_frames"] == 0
+    assert ticked["frames_per_message"] < 1 and ticked["loadgen"]["array_frames"] > 0
+    assert state["loadgen"]["conns_done"] == state["subscribers"]  # every subscriber got the last value
+    assert 0 < state["delivered_share"] < 1
+    assert "W6: ticks" in proc.stdout

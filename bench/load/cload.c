@@ -14,7 +14,10 @@
  *       latency up to that arrival (what the server and the kernel took, without the load
  *       generator's own queueing). It checks per connection that the server's
  *       `offset` and the publisher's `s` increase by one step with nothing skipped or
- *       repeated. Answers pings, counts close frames by code. Prints one JSON line
+ *       repeated. A frame whose payload is an array (a `?tick_ms=N` connection, given with
+ *       --path /ws?tick_ms=N) counts as each of its elements; the result counts the frames
+ *       that carried messages (msg_frames, msg_frame_bytes with headers) and the array frames
+ *       apart. Answers pings, counts close frames by code. Prints one JSON line
  *       {"event":"ready",...} when every connection is subscribed (or failed), measures
  *       from the start signal (a "start" line on stdin, --start-at NS, or --start now) for
  *       at most --duration seconds or until every connection saw the last measured
@@ -59,7 +62,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define CLOAD_VERSION "1"
+#define CLOAD_VERSION "2"
 #define MAX_FRAME_BYTES (64u << 20)   /* a server frame larger than this ends the connection */
 #define MAX_HANDSHAKE_BYTES 16384
 #define MIN_READ 65536
@@ -525,7 +528,8 @@ typedef struct {
     int64_t read_arrival; /* CLOCK_MONOTONIC ns the last byte of the current read reached the socket; 0 = unknown */
     uint64_t deliveries_all, deliveries_window, off_gap_events, off_missing, out_of_order, seq_gap_events,
         seq_missing, duplicates, gap_msgs, err_msgs, other_msgs, unparsed, pings, pongs_dropped, eof, resets,
-        closes_total, protocol_errors, bytes, reads, frames, clock_anomalies, rounds;
+        closes_total, protocol_errors, bytes, reads, frames, clock_anomalies, rounds,
+        msg_frames, msg_frame_bytes, array_frames;
     uint32_t closes[MAX_CLOSE_CODE + 1]; /* index MAX_CLOSE_CODE: any code above */
     int64_t first_ns, last_ns;
     uint64_t tl_max[TL_BUCKETS], tl_sum[TL_BUCKETS], tl_n[TL_BUCKETS];
@@ -785,6 +789,124 @@ static void on_message(thr_t *t, conn_t *c, const uint8_t *p, size_t n, int64_t 
     }
 }
 
+/* Skip one msgpack object at p; return the byte after it, or NULL if malformed or truncated. */
+static const uint8_t *mp_skip(const uint8_t *p, const uint8_t *end, int depth) {
+    if (p >= end || depth > 64) return NULL;
+    uint8_t b = *p++;
+    uint64_t n = 0, items = 0;
+    if (b <= 0x7f || b >= 0xe0 || b == 0xc0 || b == 0xc2 || b == 0xc3) return p;
+    if ((b & 0xf0) == 0x80) items = 2 * (uint64_t)(b & 0x0f);
+    else if ((b & 0xf0) == 0x90) items = b & 0x0f;
+    else if ((b & 0xe0) == 0xa0) n = b & 0x1f;
+    else {
+        int w;
+        switch (b) {
+        case 0xcc: case 0xd0: return end - p >= 1 ? p + 1 : NULL;
+        case 0xcd: case 0xd1: return end - p >= 2 ? p + 2 : NULL;
+        case 0xca: case 0xce: case 0xd2: return end - p >= 4 ? p + 4 : NULL;
+        case 0xcb: case 0xcf: case 0xd3: return end - p >= 8 ? p + 8 : NULL;
+        case 0xd4: return end - p >= 2 ? p + 2 : NULL;
+        case 0xd5: return end - p >= 3 ? p + 3 : NULL;
+        case 0xd6: return end - p >= 5 ? p + 5 : NULL;
+        case 0xd7: return end - p >= 9 ? p + 9 : NULL;
+        case 0xd8: return end - p >= 17 ? p + 17 : NULL;
+        case 0xc4: case 0xd9: w = 1; break;
+        case 0xc5: case 0xda: w = 2; break;
+        case 0xc6: case 0xdb: w = 4; break;
+        case 0xc7: w = -1; break;
+        case 0xc8: w = -2; break;
+        case 0xc9: w = -4; break;
+        case 0xdc: w = 12; break;
+        case 0xdd: w = 14; break;
+        case 0xde: w = 22; break;
+        case 0xdf: w = 24; break;
+        default: return NULL;
+        }
+        int bytes = w < 0 ? -w : w % 10, kind = w < 0 ? 3 : w / 10; /* 0 str/bin, 1 array, 2 map, 3 ext */
+        if (end - p < bytes) return NULL;
+        uint64_t len = 0;
+        for (int i = 0; i < bytes; i++) len = len << 8 | p[i];
+        p += bytes;
+        if (kind == 0) n = len;
+        else if (kind == 3) n = len + 1; /* type byte, then the data */
+        else items = kind == 1 ? len : 2 * len;
+    }
+    if (n) return (uint64_t)(end - p) >= n ? p + n : NULL;
+    for (uint64_t i = 0; i < items; i++) {
+        p = mp_skip(p, end, depth + 1);
+        if (!p) return NULL;
+    }
+    return p;
+}
+
+/* A data frame's payload: one message, or (on a ?tick_ms= connection) an array of them. */
+static void on_payload(thr_t *t, conn_t *c, const uint8_t *p, size_t n, int64_t now) {
+    const uint8_t *end = p + n;
+    if (!O.msgpack) {
+        const uint8_t *q = p;
+        while (q < end && (*q == ' ' || *q == '\t' || *q == '\n' || *q == '\r')) q++;
+        if (q >= end || *q != '[') {
+            on_message(t, c, p, n, now);
+            return;
+        }
+        t->array_frames++;
+        q++;
+        for (;;) { /* the elements are objects: split them at depth 0, minding strings */
+            while (q < end && (*q == ' ' || *q == ',' || *q == '\t' || *q == '\n' || *q == '\r')) q++;
+            if (q >= end || *q == ']') return;
+            if (*q != '{') {
+                t->unparsed++;
+                sample_msg(t, "array element that is not an object", q, (size_t)(end - q));
+                return;
+            }
+            const uint8_t *s = q;
+            int depth = 0, instr = 0;
+            for (; q < end; q++) {
+                uint8_t ch = *q;
+                if (instr) {
+                    if (ch == '\\') q++;
+                    else if (ch == '"') instr = 0;
+                } else if (ch == '"') instr = 1;
+                else if (ch == '{' || ch == '[') depth++;
+                else if ((ch == '}' || ch == ']') && --depth == 0) break;
+            }
+            if (q >= end) {
+                t->unparsed++;
+                sample_msg(t, "unterminated array element", s, (size_t)(end - s));
+                return;
+            }
+            q++;
+            on_message(t, c, s, (size_t)(q - s), now);
+        }
+    }
+    uint64_t items;
+    const uint8_t *q = p;
+    if (n && (*q & 0xf0) == 0x90) {
+        items = *q & 0x0f;
+        q++;
+    } else if (n >= 3 && *q == 0xdc) {
+        items = (uint64_t)q[1] << 8 | q[2];
+        q += 3;
+    } else if (n >= 5 && *q == 0xdd) {
+        items = (uint64_t)q[1] << 24 | (uint64_t)q[2] << 16 | (uint64_t)q[3] << 8 | q[4];
+        q += 5;
+    } else {
+        on_message(t, c, p, n, now);
+        return;
+    }
+    t->array_frames++;
+    for (uint64_t i = 0; i < items; i++) {
+        const uint8_t *e = mp_skip(q, end, 0);
+        if (!e) {
+            t->unparsed++;
+            sample_msg(t, "malformed msgpack array element", q, (size_t)(end - q));
+            return;
+        }
+        on_message(t, c, q, (size_t)(e - q), now);
+        q = e;
+    }
+}
+
 /* Parse whole frames from p[0..n); return the bytes consumed. The connection may end. */
 static size_t parse_frames(thr_t *t, conn_t *c, const uint8_t *p, size_t n, int64_t now) {
     size_t pos = 0;
@@ -854,12 +976,22 @@ static size_t parse_frames(thr_t *t, conn_t *c, const uint8_t *p, size_t n, int6
             memcpy(c->frag + c->flen, pl, ln);
             c->flen += (uint32_t)ln;
             if (fin) {
-                on_message(t, c, c->frag, c->flen, now);
+                uint64_t before = t->deliveries_all;
+                on_payload(t, c, c->frag, c->flen, now);
+                if (t->deliveries_all != before) {
+                    t->msg_frames++;
+                    t->msg_frame_bytes += c->flen + hl;
+                }
                 c->flen = 0;
             }
             continue;
         }
-        on_message(t, c, pl, ln, now);
+        uint64_t before = t->deliveries_all;
+        on_payload(t, c, pl, ln, now);
+        if (t->deliveries_all != before) { /* frames (and their bytes) that carried channel messages */
+            t->msg_frames++;
+            t->msg_frame_bytes += hl + ln;
+        }
     }
     return pos;
 }
@@ -1283,6 +1415,7 @@ static int run_sub(void) {
         ADD(seq_gap_events); ADD(seq_missing); ADD(duplicates); ADD(gap_msgs); ADD(err_msgs); ADD(other_msgs);
         ADD(unparsed); ADD(pings); ADD(pongs_dropped); ADD(eof); ADD(resets); ADD(closes_total);
         ADD(protocol_errors); ADD(bytes); ADD(reads); ADD(frames); ADD(clock_anomalies); ADD(rounds);
+        ADD(msg_frames); ADD(msg_frame_bytes); ADD(array_frames);
 #undef ADD
         for (int k = 0; k <= MAX_CLOSE_CODE; k++) A->closes[k] += t->closes[k];
         if (t->first_ns && (!A->first_ns || t->first_ns < A->first_ns)) A->first_ns = t->first_ns;
@@ -1335,6 +1468,8 @@ static int run_sub(void) {
                "\"first_delivery_ns\":%" PRId64 ",\"last_delivery_ns\":%" PRId64 ",\"start_ns\":%" PRId64
                ",\"stop_ns\":%" PRId64 ",",
             O.batch_us, A->rounds, A->bytes, A->reads, A->frames, A->first_ns, A->last_ns, start, stop_ns);
+    fprintf(f, "\"msg_frames\":%" PRIu64 ",\"msg_frame_bytes\":%" PRIu64 ",\"array_frames\":%" PRIu64 ",",
+            A->msg_frames, A->msg_frame_bytes, A->array_frames);
     fprintf(f, "\"cpu\":{\"user_s\":%.4f,\"sys_s\":%.4f,\"wall_s\":%.4f,\"utilization\":%.4f},", user, sys, wall,
             wall > 0 ? (user + sys) / wall : 0.0);
     fprintf(f, "\"cpu_process_total\":{\"user_s\":%.4f,\"sys_s\":%.4f},", tv_s(ru1.ru_utime), tv_s(ru1.ru_stime));

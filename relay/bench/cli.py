@@ -32,9 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="relay bench",
         description="End-to-end load scenarios against a fresh relay server (and other servers with --against): "
         "W1 fan-out sweep, W2 small room, W3 idle connections, W4 keyed conflation (relay only), "
-        "W5 bytes saved by state deltas (relay only). "
+        "W5 bytes saved by state deltas (relay only), W6 ticks (?tick_ms=, relay only). "
         "Loopback only; see bench/load/README.md.")
-    p.add_argument("scenarios", nargs="*", metavar="SCENARIO", help="w1, w2, w3, w4, w5 or all (default: all)")
+    p.add_argument("scenarios", nargs="*", metavar="SCENARIO", help="w1, w2, w3, w4, w5, w6 or all (default: all)")
     p.add_argument("--impl", choices=("compiled", "pure", "both"), default="compiled",
                    help="relay's fast path: compiled (Cython), pure (RELAY_PURE_PYTHON=1) or both (default compiled)")
     p.add_argument("--no-relay", action="store_true", help="measure only the --against/--peers servers")
@@ -74,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     w4.add_argument("--w4-variants", metavar="V,V", help="keyed, channel, disconnect (default: all three)")
     p.add_argument("--w5-updates", type=int, metavar="N",
                    help="W5 (state deltas): updates published per workload (default 1000)")
+    w6 = p.add_argument_group("W6 (ticks)")
+    w6.add_argument("--w6-subscribers", type=int, metavar="N", help="subscribers (default 100)")
+    w6.add_argument("--w6-rates", metavar="R,R", help="publish rates in messages/s (default 1000)")
+    w6.add_argument("--w6-ticks", metavar="T,T", help="tick_ms values, 0 for none (default 0,16,33,50)")
+    w6.add_argument("--w6-state-ticks", metavar="T,T",
+                    help="tick_ms values of the state-channel variant ('' for none; default 33)")
+    w6.add_argument("--w6-duration", type=float, metavar="S", help="measured seconds per run (default 5)")
     p.add_argument("--server-cpus", default="0", metavar="LIST", help="taskset CPU list for the server (default 0)")
     p.add_argument("--load-cpus", metavar="LIST", help="taskset CPU list for the load generator (default: the others)")
     p.add_argument("--no-pin", action="store_true", help="do not pin anything with taskset")
@@ -94,7 +101,7 @@ def settings_from_args(a: argparse.Namespace, p: argparse.ArgumentParser) -> Set
             if n not in scen:
                 scen.append(n)
         else:
-            p.error(f"unknown scenario {n!r}; choose from w1, w2, w3, w4, w5, all")
+            p.error(f"unknown scenario {n!r}; choose from w1, w2, w3, w4, w5, w6, all")
     impls = [] if a.no_relay else (["compiled", "pure"] if a.impl == "both" else [a.impl])
     s = Settings(scenarios=scen, impls=impls, against=[], quick=a.quick, encoding=a.encoding,
                  payload_bytes=a.payload_bytes, server_cpus=a.server_cpus, drain=a.drain,
@@ -122,6 +129,8 @@ def settings_from_args(a: argparse.Namespace, p: argparse.ArgumentParser) -> Set
         s.w4_rate, s.w4_keys, s.w4_fast_subscribers, s.w4_slow_rate = 2000.0, 100, 5, 300.0
         s.w4_warmup, s.w4_duration, s.w4_variants = 0.5, 2.0, ["keyed"]
         s.w5_updates = 100
+        # W6: a light W2 without ticks, with one tick, and the state variant
+        s.w6_subscribers, s.w6_rates, s.w6_ticks, s.w6_state_ticks, s.w6_duration = 20, [200.0], [0, 33], [33], 1.0
     if a.warmup is not None:
         s.warmup = a.warmup
     if a.duration is not None:
@@ -138,6 +147,27 @@ def settings_from_args(a: argparse.Namespace, p: argparse.ArgumentParser) -> Set
         if not 2 <= a.w5_updates <= 100_000:
             p.error("--w5-updates from 2 to 100000")
         s.w5_updates = a.w5_updates
+    if a.w6_subscribers is not None:
+        s.w6_subscribers = a.w6_subscribers
+    if a.w6_duration is not None:
+        s.w6_duration = a.w6_duration
+    try:
+        if a.w6_rates:
+            s.w6_rates = [float(x) for x in a.w6_rates.split(",") if x.strip()]
+        if a.w6_ticks:
+            s.w6_ticks = [int(x) for x in a.w6_ticks.split(",") if x.strip()]
+        if a.w6_state_ticks is not None:
+            s.w6_state_ticks = [int(x) for x in a.w6_state_ticks.split(",") if x.strip()]
+    except ValueError:
+        p.error("--w6-rates, --w6-ticks, --w6-state-ticks: numbers separated by commas")
+    if not s.w6_rates or any(not 0 < r <= 1e6 for r in s.w6_rates):
+        p.error("--w6-rates must be > 0 and <= 1,000,000 messages/s")
+    if not s.w6_ticks or any(t != 0 and not 10 <= t <= 1000 for t in s.w6_ticks + s.w6_state_ticks):
+        p.error("--w6-ticks: 0 (no ticks) or 10 to 1000 ms; --w6-state-ticks: 10 to 1000 ms")
+    if 0 in s.w6_state_ticks:
+        p.error("--w6-state-ticks: 10 to 1000 ms (a state channel without ticks conflates only when slow)")
+    if s.w6_subscribers < 1 or not 0 < s.w6_duration <= 600:
+        p.error("--w6-subscribers >= 1; --w6-duration from 0 to 600 s (> 0)")
     if a.w4_variants:
         from .conflation import VARIANTS
 
@@ -203,7 +233,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BenchError as exc:
         print(f"relay bench: {exc}", file=sys.stderr)
         return 2
-    _raise_nofile(max(s.w3_conns if "w3" in s.scenarios else 0, s.w1_subscribers, s.w2_subscribers) + 1000)
+    _raise_nofile(max(s.w3_conns if "w3" in s.scenarios else 0, s.w1_subscribers, s.w2_subscribers,
+                      s.w6_subscribers) + 1000)
     if s.pin:
         try:  # keep this process off the server's CPU too
             os.sched_setaffinity(0, parse_cpus(s.load_cpus))

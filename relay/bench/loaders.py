@@ -132,7 +132,8 @@ def merge_sub_results(results: list[dict[str, Any]]) -> dict[str, Any]:
               "deliveries_all", "conns_done", "conns_closed", "offset_gap_events", "offset_missing",
               "out_of_order", "seq_gap_events", "seq_missing", "duplicates", "gap_messages", "error_messages",
               "other_messages", "unparsed_messages", "pings", "control_sends_dropped", "eof", "resets",
-              "protocol_errors", "clock_anomalies", "closes", "bytes", "reads", "frames", "epoll_rounds")
+              "protocol_errors", "clock_anomalies", "closes", "bytes", "reads", "frames", "epoll_rounds",
+              "msg_frames", "msg_frame_bytes", "array_frames")
     out: dict[str, Any] = {k: sum(r.get(k, 0) for r in results) for k in summed}
     out["threads"] = sum(r.get("threads", 0) for r in results)
     firsts = [r["first_delivery_ns"] for r in results if r.get("first_delivery_ns")]

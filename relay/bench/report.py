@@ -163,6 +163,8 @@ def render(report: dict[str, Any]) -> str:
                 out.append(f"  -- {srv}: {data['skipped']}")
             for r in data.get("steps", []):
                 out.append(render_line(r))
+    if "w6" in sc:
+        out.extend(_render_w6(sc["w6"]))
     summ = {srv: d for srv, d in report.get("summary", {}).items() if any(k[:2] in ("w1", "w2", "w3") for k in d)}
     if summ:
         out.append("\nSummary")
@@ -249,6 +251,50 @@ def _render_w4(w4: dict[str, Any]) -> list[str]:
     return out + notes
 
 
+def _render_w6(w6: dict[str, Any]) -> list[str]:
+    """The W6 table: one row per server, mode, rate and tick."""
+    rows: list[tuple[str, ...]] = []
+    notes: list[str] = []
+    first: dict[str, Any] | None = None
+    for srv, data in w6.items():
+        if data.get("skipped"):
+            notes.append(f"  -- {srv}: {data['skipped']}")
+            continue
+        for r in data.get("steps", []):
+            tag = f"{srv} {r.get('mode')} tick {r.get('tick_ms')} @ {r.get('rate', 0):g}/s"
+            if r.get("error"):
+                notes.append(f"  !! {tag}: {r['error']}")
+                continue
+            first = first or r
+            lat = r.get("latency_us") or {}
+            got = (f"{r.get('received_deliveries', 0):,}/{r.get('expected_deliveries', 0):,}" if r["mode"] == "stream"
+                   else f"{_f(r.get('delivered_per_subscriber'), 1)}/{_f(r.get('published'))} per sub")
+            rows.append((srv, r["mode"], f"{r['rate']:g}", str(r["tick_ms"] or "none"), got,
+                         _f(r.get("frames_per_message"), 3), _f(r.get("messages_per_frame"), 1),
+                         _f(r.get("bytes_per_message"), 1), _f(lat.get("p50")), _f(lat.get("p90")),
+                         _f(lat.get("p99")), _f(lat.get("max")), _f(lat.get("mean")),
+                         _f(r.get("server_cpu_us_per_delivery"), 2), _pct(r.get("server_cpu_utilization")),
+                         _pct(r.get("loadgen_cpu_utilization")), "ok" if r.get("pass") else "FAIL"))
+            for p in r.get("problems", []):
+                notes.append(f"  !! {tag}: {p}")
+            for w in r.get("warnings", []):
+                notes.append(f"  ?? {tag}: {w}")
+    out = []
+    if first is not None:
+        out.append(f"\nW6: ticks. {first['subscribers']} subscribers on ?tick_ms=N (none: plain), one channel, one "
+                   f"publisher, {first['duration_s']:g} s measured per run. got: messages received in the window "
+                   "(stream: all, in offset order; state: delivered per subscriber / published); frames/msg and B/msg: "
+                   "WebSocket frames carrying messages and their bytes (header included) per message received; "
+                   "latency in µs from the publisher's send stamp to the subscriber's read of the frame; srv µs/deliv: "
+                   "server CPU per message delivered")
+        out.append(_table(("server", "channel", "msg/s", "tick ms", "got", "frames/msg", "msgs/frame", "B/msg",
+                           "p50", "p90", "p99", "max", "mean", "srv µs/deliv", "srv CPU", "load CPU", "result"),
+                          rows))
+    elif notes:
+        out.append("\nW6: ticks")
+    return out + notes
+
+
 def summarize(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     summ: dict[str, dict[str, Any]] = {}
     sc = report["scenarios"]
@@ -287,4 +333,13 @@ def summarize(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
             e[f"w4_{v}_slow_age_p99_ms"] = (r["slow"].get("age_ms") or {}).get("p99")
             e[f"w4_{v}_slow_received_per_s"] = r["slow"].get("received_per_s")
             e[f"w4_{v}_pass"] = r.get("pass")
+    for srv, d in sc.get("w6", {}).items():
+        for r in d.get("steps", []):
+            if r.get("error"):
+                continue
+            e = summ.setdefault(srv, {})
+            k = f"w6_{r['mode']}_{r['rate']:g}_tick{r['tick_ms']}"
+            e[f"{k}_frames_per_message"] = r.get("frames_per_message")
+            e[f"{k}_p99_us"] = (r.get("latency_us") or {}).get("p99")
+            e[f"{k}_pass"] = r.get("pass")
     return summ

@@ -14,10 +14,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from .conflation import scenario_w4
 from .deltas import scenario_w5
+from .ticks import scenario_w6
 from .loaders import JsonLines, Loaders, _finish, _say, merge_sub_results
 from .procfs import (
     Jiffies,
@@ -38,8 +40,11 @@ from .settings import HOST, P99_LIMIT_US, SATURATED_LOADGEN_SHARE, W1_REFERENCE_
 
 
 def run_fanout(exe: Path, spec: ServerSpec, s: Settings, subscribers: int, rate: float, warmup: float,
-               duration: float) -> dict[str, Any]:
-    """Start a fresh server, connect ``subscribers``, publish at ``rate`` msg/s; return the facts."""
+               duration: float, sub_args: Sequence[str] = ()) -> dict[str, Any]:
+    """Start a fresh server, connect ``subscribers``, publish at ``rate`` msg/s; return the facts.
+
+    ``sub_args`` go to every ``cload sub`` (W6 passes ``--path /ws?tick_ms=N``).
+    """
     warm_n = round(rate * warmup)
     meas_n = max(2, round(rate * duration))
     first_seq, last_seq = warm_n, warm_n + meas_n - 1
@@ -54,7 +59,8 @@ def run_fanout(exe: Path, spec: ServerSpec, s: Settings, subscribers: int, rate:
         info = server.metrics()
         res["fastpath"] = info.get("fastpath")
         res["server_rss_kib_start"] = server.rss_kib()
-        loaders = Loaders(exe, s, server.port, subscribers, first_seq, last_seq, duration + s.drain)
+        loaders = Loaders(exe, s, server.port, subscribers, first_seq, last_seq, duration + s.drain,
+                          extra_args=sub_args)
         ready = loaders.ready(max(60.0, subscribers / 50))
         res["connect"] = ready
         if ready["failed"]:
@@ -85,7 +91,8 @@ def run_fanout(exe: Path, spec: ServerSpec, s: Settings, subscribers: int, rate:
         res.update(_fanout_numbers(s, sub, pres, cpu0, cpu1, jif0, jif1, t1 - t0))
         res["loadgen"] = {k: sub.get(k) for k in (
             "threads", "reads", "frames", "epoll_rounds", "bytes", "pings", "stopped_by", "errors", "conns_done",
-            "control_sends_dropped", "deliveries_all")}
+            "control_sends_dropped", "deliveries_all", "msg_frames", "msg_frame_bytes", "array_frames",
+            "duplicates", "seq_gap_events", "seq_missing", "unparsed_messages", "subscribed")}
         res["publisher"] = {k: pres.get(k) for k in (
             "sent", "sent_measured", "achieved_rate", "lag_us", "send_blocked_s", "stopped_by", "errors",
             "error_messages", "close_code", "cpu", "scheduling")}
@@ -376,4 +383,5 @@ def scenario_w3(exe: Path, spec: ServerSpec, s: Settings) -> dict[str, Any]:
     return r
 
 
-SCENARIOS = {"w1": scenario_w1, "w2": scenario_w2, "w3": scenario_w3, "w4": scenario_w4, "w5": scenario_w5}
+SCENARIOS = {"w1": scenario_w1, "w2": scenario_w2, "w3": scenario_w3, "w4": scenario_w4, "w5": scenario_w5,
+             "w6": scenario_w6}

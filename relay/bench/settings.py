@@ -88,4 +88,11 @@ class Settings:
     w4_variants: list[str] = field(default_factory=lambda: list(W4_VARIANTS))
     #: W5 (state deltas): updates published per workload.
     w5_updates: int = 1000
+    #: W6 (ticks): subscribers on ?tick_ms=N (0: no ticks), W2-like; every rate x every tick on a
+    #: stream channel, then each of w6_state_ticks on a state channel at the first rate.
+    w6_subscribers: int = 100
+    w6_rates: list[float] = field(default_factory=lambda: [1000.0])
+    w6_ticks: list[int] = field(default_factory=lambda: [0, 16, 33, 50])
+    w6_state_ticks: list[int] = field(default_factory=lambda: [33])
+    w6_duration: float = 5.0
     pin: bool = True
