@@ -154,16 +154,23 @@ def test_cload_counts_gaps_order_closes_and_pings(cload: Path, encoding: str) ->
     assert result["latency_us"]["count"] == 5
 
 
-def test_relay_bench_w2_quick_loses_nothing(tmp_path: Path) -> None:
-    """A short W2 run against a real relay server: zero loss, and the report has its keys."""
+
+def run_quick(tmp_path: Path, scenario: str) -> tuple[str, dict[str, Any], str]:
+    """Run ``relay bench SCENARIO --quick`` on this run's implementation in a child process
+    (it must exit 0); return the implementation's name, the JSON report and the output."""
     impl = "compiled" if fastpath.IMPLEMENTATION == "cython" else "pure"
     out = tmp_path / "bench.json"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run(
-        [sys.executable, "-m", "relay", "bench", "w2", "--quick", "--impl", impl, "--json", str(out)],
+        [sys.executable, "-m", "relay", "bench", scenario, "--quick", "--impl", impl, "--json", str(out)],
         capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    report = json.loads(out.read_text())
+    return impl, json.loads(out.read_text()), proc.stdout
+
+
+def test_relay_bench_w2_quick_loses_nothing(tmp_path: Path) -> None:
+    """A short W2 run against a real relay server: zero loss, and the report has its keys."""
+    impl, report, _ = run_quick(tmp_path, "w2")
     assert {"tool", "date", "settings", "machine", "versions", "git", "servers", "scenarios", "summary"} <= set(report)
     run = report["scenarios"]["w2"][f"relay-{impl}"]["steps"][0]
     assert run["fastpath"] == fastpath.IMPLEMENTATION
@@ -249,14 +256,7 @@ def test_relay_bench_w4_quick_fast_get_everything_slow_ends_current(tmp_path: Pa
     """A short W4 run (keyed conflation) against a real relay server: the fast subscribers lose
     nothing, the slow one is conflated (fewer messages than published), never sees an older
     value of a symbol after a newer one, and ends with the last value of every symbol."""
-    impl = "compiled" if fastpath.IMPLEMENTATION == "cython" else "pure"
-    out = tmp_path / "bench.json"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run(
-        [sys.executable, "-m", "relay", "bench", "w4", "--quick", "--impl", impl, "--json", str(out)],
-        capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path, check=False)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    report = json.loads(out.read_text())
+    impl, report, stdout = run_quick(tmp_path, "w4")
     (run,) = report["scenarios"]["w4"][f"relay-{impl}"]["steps"]
     assert run["variant"] == "keyed" and run["fastpath"] == fastpath.IMPLEMENTATION
     fast, probe, slow = run["fast"], run["probe"], run["slow"]
@@ -275,21 +275,15 @@ def test_relay_bench_w4_quick_fast_get_everything_slow_ends_current(tmp_path: Pa
     assert client["close_code"] is None and not client["eof"]
     # staleness was sampled for both, and the report renders it
     assert slow["age_ms"]["count"] > 0 and probe["age_ms"]["count"] > 0
-    assert "W4: keyed conflation" in proc.stdout
+    assert "W4: keyed conflation" in stdout
     assert report["summary"][f"relay-{impl}"]["w4_keyed_pass"] is True
 
 
 def test_relay_bench_w5_quick_deltas_save_bytes_and_end_right(tmp_path: Path) -> None:
     """A short W5 run: every subscriber ends on the last value, every patch had its base, and
     the delta subscribers read fewer bytes than the full-value ones (not timed)."""
-    impl = "compiled" if fastpath.IMPLEMENTATION == "cython" else "pure"
-    out = tmp_path / "bench.json"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run(
-        [sys.executable, "-m", "relay", "bench", "w5", "--quick", "--impl", impl, "--json", str(out)],
-        capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path, check=False)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    steps = json.loads(out.read_text())["scenarios"]["w5"][f"relay-{impl}"]["steps"]
+    impl, report, stdout = run_quick(tmp_path, "w5")
+    steps = report["scenarios"]["w5"][f"relay-{impl}"]["steps"]
     assert [r["workload"] for r in steps] == ["book", "game", "book-arrays"]
     for r in steps:
         assert r["pass"] and r["fastpath"] == fastpath.IMPLEMENTATION, r
@@ -297,7 +291,7 @@ def test_relay_bench_w5_quick_deltas_save_bytes_and_end_right(tmp_path: Path) ->
             assert r[f"{enc}_delta"]["patches"] > 0 and r[f"{enc}_full"]["patches"] == 0
             assert r[f"{enc}_delta"]["bytes"] < r[f"{enc}_full"]["bytes"]
     assert steps[0]["json_saved"] > 0.5 and steps[1]["json_saved"] > 0.5
-    assert "W5: bytes on the wire" in proc.stdout
+    assert "W5: bytes on the wire" in stdout
 
 
 def _tick_server(listener: socket.socket, encoding: str, seen: dict[str, Any]) -> None:
@@ -374,14 +368,8 @@ def test_relay_bench_w6_quick_ticks_lose_nothing_in_fewer_frames(tmp_path: Path)
     """A short W6 run against a real relay server: with and without ticks every subscriber gets
     every message in offset order; with ticks in fewer frames than messages; on a state channel
     with ticks fewer messages than published, in order, ending with the last (not timed)."""
-    impl = "compiled" if fastpath.IMPLEMENTATION == "cython" else "pure"
-    out = tmp_path / "bench.json"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run(
-        [sys.executable, "-m", "relay", "bench", "w6", "--quick", "--impl", impl, "--json", str(out)],
-        capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path, check=False)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    steps = json.loads(out.read_text())["scenarios"]["w6"][f"relay-{impl}"]["steps"]
+    impl, report, stdout = run_quick(tmp_path, "w6")
+    steps = report["scenarios"]["w6"][f"relay-{impl}"]["steps"]
     assert [(r["mode"], r["tick_ms"]) for r in steps] == [("stream", 0), ("stream", 33), ("state", 33)]
     for r in steps:
         assert r["pass"] and r["fastpath"] == fastpath.IMPLEMENTATION, r
@@ -396,4 +384,4 @@ def test_relay_bench_w6_quick_ticks_lose_nothing_in_fewer_frames(tmp_path: Path)
     assert ticked["frames_per_message"] < 1 and ticked["loadgen"]["array_frames"] > 0
     assert state["loadgen"]["conns_done"] == state["subscribers"]  # every subscriber got the last value
     assert 0 < state["delivered_share"] < 1
-    assert "W6: ticks" in proc.stdout
+    assert "W6: ticks" in stdout

@@ -17,7 +17,7 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -382,19 +382,7 @@ class Hub:
                 patches, fulls = ch.delta_frames(pub)
                 overflowed += fastpath.fanout_into(deltas, patches, key, ch.policy,
                                                    pub.offset, dirty, True, fulls, stamp)
-            members = ch.members
-            self.written.append((pub.ingress, opts.pattern, opts.mode))
-            self.wake_flusher()
-            if trace_log.isEnabledFor(logging.DEBUG):
-                trace_log.debug("delivered %s", pub.trace, extra=logs.fields(
-                    event="deliver", trace=pub.trace, channel=ch.name, offset=pub.offset,
-                    subscribers=len(members)))
-            for sub in overflowed:
-                sub.kick(CLOSE_SLOW_CONSUMER, "slow consumer: send queue overflowed")
-            if self._metrics is not None:
-                self._metrics.delivered(members, ch.options.mode)
-                if overflowed:
-                    self._metrics.slow_consumer("disconnect", len(overflowed))
+            self._fanned_out(ch, (pub,), overflowed)
         if deltas is not None:
             ch.last = pub
 
@@ -424,6 +412,12 @@ class Hub:
         )
         overflowed = fastpath.fanout_into(members, frames, ch.name, ch.policy, pubs[-1].offset,
                                           self.dirty, opts.mode == "state", stamp=time.monotonic())
+        self._fanned_out(ch, pubs, overflowed)
+
+    def _fanned_out(self, ch: Channel, pubs: Sequence[Publication], overflowed: list[Any]) -> None:
+        """After ``pubs`` were offered to ``ch``'s members: have the flusher write them (and
+        time them), log their trace ids, close the members that overflowed, count."""
+        opts, members = ch.options, ch.members
         for pub in pubs:
             self.written.append((pub.ingress, opts.pattern, opts.mode))
         self.wake_flusher()
