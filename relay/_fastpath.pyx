@@ -748,6 +748,12 @@ A connection's bounded queue of encoded frames, drained by its writer task.
             return out[0]
         return b"".join(out)
 
+    cpdef written(self):
+        """A write of what :meth:`take` returned has completed: when nothing waits any
+        more, the subscriber keeps up again and conflation stops (:attr:`behind`)."""
+        if not self._pending():
+            self.behind = False
+
     def take_rest(self):
         """Return (and forget) what a direct send could not write."""
         rest = self._rest
@@ -975,7 +981,7 @@ cdef Py_ssize_t _write_direct(Outbox box, list wake, long long* per_encoding) ex
         box.oldest = oldest  # (its oldest frame has not left entirely)
         wake.append(box.owner)
     else:
-        box.behind = False  # everything it had is written: it keeps up again
+        box.written()
     return n
 
 

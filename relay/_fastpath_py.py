@@ -472,6 +472,12 @@ class Outbox:
             return out[0]
         return b"".join(out)
 
+    def written(self) -> None:
+        """A write of what :meth:`take` returned has completed: when nothing waits any
+        more, the subscriber keeps up again and conflation stops (:attr:`behind`)."""
+        if not self.pending:
+            self.behind = False
+
     def take_rest(self) -> bytes:
         """Return (and forget) what a direct send could not write: whoever writes to the
         socket next must write it before anything else."""
@@ -648,7 +654,7 @@ def _write_direct(box: Outbox, wake: list[Any], by_encoding: list[int] | None) -
         box.oldest = oldest  # (its oldest frame has not left entirely)
         wake.append(box.owner)
     else:
-        box.behind = False  # everything it had is written: it keeps up again
+        box.written()
     return n
 
 

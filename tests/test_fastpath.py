@@ -331,9 +331,8 @@ def _run(box: Any, op: Op) -> Any:
         return (box.queued, box.dropped, box.conflated)
     if name == "behind":
         return box.behind
-    if name == "written":  # what the writer or flush() does once a write left nothing behind
-        box.behind = False
-        return None
+    if name == "written":  # what the writer or flush() does once a write completed
+        return box.written()
     raise AssertionError(f"unknown op {name}")
 
 

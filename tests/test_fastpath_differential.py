@@ -160,6 +160,7 @@ outbox_ops = st.one_of(
               st.one_of(st.none(), st.binary(max_size=40)), stamps),
     st.tuples(st.just("start_batching")),
     st.tuples(st.just("take_rest")),
+    st.tuples(st.just("written")),
     st.tuples(st.just("take")),
     st.tuples(st.just("take_gaps")),
     st.tuples(st.just("close")),

@@ -669,8 +669,7 @@ async def _sse_writer(server: RelayServer, sub: _Subscriber, stream: trio.abc.St
                 scope.deadline = trio.current_time() + CLOSE_GRACE_SECONDS
             await stream.send_all(conn.send(h11.Data(data=chunk)))
             server.bytes_sent += len(chunk)
-            if not sub.outbox.pending:
-                sub.outbox.behind = False  # it keeps up again (see Outbox.behind)
+            sub.outbox.written()
             if close is not None:
                 await stream.send_all(conn.send(h11.EndOfMessage()))
         sub.send_scope = None

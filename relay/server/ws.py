@@ -328,9 +328,7 @@ class Connection:
                     return False
                 finally:
                     self.writing_since = 0.0
-                if not self.outbox.pending:
-                    # Everything it had is written: it keeps up again (see Outbox.behind).
-                    self.outbox.behind = False
+                self.outbox.written()
         self._send_scope = None
         if scope.cancelled_caught:
             # A write cut short leaves half a frame on the wire: no close frame can follow.
