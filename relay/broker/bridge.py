@@ -3,8 +3,11 @@
 Data model, per channel ``C`` (the ``{C}`` hash tag keeps a channel's keys on one
 Redis Cluster slot):
 
-- ``relay:{C}:m``  hash: ``e`` the epoch, ``s`` the last offset; lives ``META_TTL_SECONDS``
-  (or ``history_ttl`` when longer) after the last publish;
+- ``relay:{C}:m``  hash: ``e`` the epoch, ``s`` the last offset, ``r`` the Redis server
+  incarnation (``run_id``) that last wrote it, ``b`` the offset after which the epoch began;
+  lives ``META_TTL_SECONDS`` (or ``history_ttl`` when longer) after the last publish. A
+  script run on another incarnation (Redis restarted or failed over: it may have lost its
+  last writes) starts a new epoch, offsets continuing (:data:`~relay.broker.shard.PUBLISH_LUA`);
 - ``relay:{C}:s``  stream: one entry per message, id ``<offset>-0``, field ``d`` = msgpack
   ``[data, trace, ingress]``; trimmed to ``history_size`` (exactly), expires ``history_ttl``
   after the last publish;
@@ -287,7 +290,7 @@ class RedisBridge:
             "EVALSHA", shard.publish_sha, 2, meta, stream,
             body, size, _milliseconds(opts.history_ttl), secrets.token_hex(4),
             _milliseconds(max(opts.history_ttl, META_TTL_SECONDS)), channel_key,
-            "spublish" if self.cluster else "publish")
+            "spublish" if self.cluster else "publish", shard.incarnation)
 
         def answered(reply: Any, retried: bool = False) -> None:
             if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT") and not retried:
@@ -329,26 +332,27 @@ class RedisBridge:
     # -- history --------------------------------------------------------------------
 
     async def _read(self, shard: Shard, name: str, what: str, since: int, count: int,
-                    create: bool) -> tuple[str, int, list[Any]]:
+                    create: bool) -> tuple[str, int, list[Any], int]:
+        """Run the history script: (epoch or '', top offset, entries, the offset after
+        which the epoch began)."""
         pipeline = shard.pipeline
         if pipeline is None:
             raise shard.unavailable()
         opts = self.config.channel_options(name)
         meta, stream, _ = _keys(name)
+        args = (2, meta, stream, what, since, count, secrets.token_hex(4),
+                _milliseconds(max(opts.history_ttl, META_TTL_SECONDS)), "1" if create else "",
+                shard.incarnation)
         try:
-            reply = await pipeline.call(
-                "EVALSHA", shard.history_sha, 2, meta, stream, what, since, count,
-                secrets.token_hex(4) if create else "", _milliseconds(max(opts.history_ttl, META_TTL_SECONDS)))
+            reply = await pipeline.call("EVALSHA", shard.history_sha, *args)
         except hiredis.ReplyError as exc:
             if str(exc).startswith(("MOVED", "ASK", "CLUSTERDOWN")):
                 self.topology_suspect()
             if not str(exc).startswith("NOSCRIPT"):
                 raise Unavailable(f"redis {shard.endpoint.shown} refused a history read: {exc}") from None
-            reply = await pipeline.call(
-                "EVAL", HISTORY_LUA, 2, meta, stream, what, since, count,
-                secrets.token_hex(4) if create else "", _milliseconds(max(opts.history_ttl, META_TTL_SECONDS)))
-        epoch, top, entries = reply
-        return epoch.decode(), int(top), entries
+            reply = await pipeline.call("EVAL", HISTORY_LUA, *args)
+        epoch, top, entries, base = reply
+        return epoch.decode(), int(top), entries, int(base)
 
     async def history(self, name: str, since: int | None, limit: int | None) -> HistoryView | None:
         """Read a channel's retained messages: those after ``since`` (oldest first, at most
@@ -362,7 +366,7 @@ class RedisBridge:
         count = min(limit, size) if limit is not None and since is None else (limit or size)
         count = min(count, MAX_FETCH)
         what = "top" if count <= 0 else ("last" if since is None else "since")
-        epoch, top, entries = await self._read(self.shard_for(name), name, what, since or 0, count, False)
+        epoch, top, entries, _ = await self._read(self.shard_for(name), name, what, since or 0, count, False)
         if not epoch:
             return None
         now, horizon = trio.current_time(), time.time() - opts.history_ttl
@@ -447,7 +451,7 @@ class RedisBridge:
         assert ch is not None
         if not ch.log.epoch:
             opts = ch.options
-            epoch, top, entries = await self._read(
+            epoch, top, entries, _ = await self._read(
                 shard, name, "last" if opts.mode != "stream" else "top", 0, 1, True)
             if state.closed or state.generation != generation:
                 return
@@ -470,13 +474,24 @@ class RedisBridge:
         assert ch is not None
         count = min(max(ch.options.history_size, 1), MAX_FETCH)
         for _ in range(MAX_JOIN_ROUNDS):
-            epoch, top, entries = await self._read(state.shard, name, "since", ch.log.offset, count, True)
+            epoch, top, entries, base = await self._read(state.shard, name, "since", ch.log.offset, count, True)
             if state.closed or state.generation != generation:
                 return False
             if epoch != ch.log.epoch:
-                # The channel's history is gone (Redis flushed or restarted empty, or its
-                # keys expired): offsets start again under a new epoch.
-                ch.log.epoch, ch.log.offset, state.new_epoch = epoch, 0, True
+                # A new epoch: the channel's history is gone (Redis flushed or restarted
+                # empty, or its keys expired: offsets start again, base 0), or Redis
+                # restarted or failed over and may have lost writes (offsets continue after
+                # what it kept, the base). Members hear of it with the next message; what
+                # Redis kept up to the base they had already (or were told they missed).
+                ch.log.epoch, ch.log.offset, state.new_epoch = epoch, base, True
+                ch.log.latest = None
+                if base and ch.options.mode != "stream":  # the value a new member gets
+                    again, _, last, _ = await self._read(state.shard, name, "last", 0, 1, True)
+                    if state.closed or state.generation != generation:
+                        return False
+                    for pub in _decode_entries(last, trio.current_time()):
+                        if again == epoch and pub.offset == base:
+                            ch.log.latest = pub
                 for out in list(state.joiners):
                     self._promote(ch, state, out)
                 continue
@@ -618,7 +633,7 @@ class RedisBridge:
         horizon = time.time() - opts.history_ttl
         cursor, pubs, recovered = since.offset, [], True
         for _ in range(MAX_JOIN_ROUNDS):
-            epoch, top, entries = await self._read(state.shard, name, "since", cursor, count, True)
+            epoch, top, entries, _ = await self._read(state.shard, name, "since", cursor, count, True)
             if epoch != since.epoch or since.offset > top:
                 return False, [], ch.log.offset
             now = trio.current_time()

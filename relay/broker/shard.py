@@ -38,13 +38,36 @@ PING_EVERY_SECONDS = 1.0
 PING_TIMEOUT_SECONDS = 3.0
 #: Commands that may wait for Redis replies per shard (publishes beyond get ``unavailable``).
 MAX_PENDING_COMMANDS = 20_000
-PUBLISH_LUA = """
-local epoch = redis.call('hget', KEYS[1], 'e')
-if not epoch then
-  epoch = ARGV[4]
-  redis.call('hset', KEYS[1], 'e', epoch)
-  redis.call('del', KEYS[2])
+# KEYS: 1 meta hash, 2 stream. ARGV: 1 entry, 2 history size, 3 stream ttl ms, 4 epoch to
+# start (when there is none, or the server's incarnation changed), 5 meta ttl ms, 6 pub/sub
+# channel, 7 'publish' or 'spublish', 8 the server's incarnation (run_id). Returns {epoch, offset}.
+#
+# The meta hash keeps the incarnation that last wrote it (``r``). Another one means Redis
+# restarted or failed over since: it may have lost a tail of writes (an older snapshot, a
+# replica that had not received them), so offsets after its ``s`` may already have been
+# delivered with other data. A new epoch starts there, offsets continue, and ``b`` says
+# where (CHECK_INCARNATION_LUA, shared by both scripts).
+CHECK_INCARNATION_LUA = """
+local function current_epoch(meta, stream, new_epoch, incarnation, create)
+  local m = redis.call('hmget', meta, 'e', 'r')
+  if not m[1] then
+    if not create then return nil, false end
+    redis.call('del', meta, stream)
+    redis.call('hset', meta, 'e', new_epoch, 'r', incarnation)
+    return new_epoch, true
+  end
+  if m[2] == incarnation then return m[1], false end
+  if not m[2] then  -- written before relay kept incarnations: nothing to compare with
+    redis.call('hset', meta, 'r', incarnation)
+    return m[1], false
+  end
+  redis.call('hset', meta, 'e', new_epoch, 'r', incarnation, 'b', redis.call('hget', meta, 's') or '0')
+  return new_epoch, false
 end
+"""
+
+PUBLISH_LUA = CHECK_INCARNATION_LUA + """
+local epoch = current_epoch(KEYS[1], KEYS[2], ARGV[4], ARGV[8], true)
 local offset = redis.call('hincrby', KEYS[1], 's', 1)
 redis.call('xadd', KEYS[2], 'MAXLEN', ARGV[2], offset .. '-0', 'd', ARGV[1])
 redis.call('pexpire', KEYS[2], ARGV[3])
@@ -53,25 +76,24 @@ redis.call(ARGV[7], ARGV[6], epoch .. ' ' .. offset .. ' ' .. ARGV[1])
 return {epoch, offset}
 """
 
-# ARGV: 1 what ('top', 'since', 'last'), 2 since offset, 3 count, 4 epoch to create when
-# there is none ('' = create none), 5 meta ttl ms. Returns {epoch or '', top, entries}.
-HISTORY_LUA = """
-local epoch = redis.call('hget', KEYS[1], 'e')
-if not epoch then
-  if ARGV[4] == '' then return {'', 0, {}} end
-  epoch = ARGV[4]
-  redis.call('hset', KEYS[1], 'e', epoch)
-  redis.call('pexpire', KEYS[1], ARGV[5])
-  redis.call('del', KEYS[2])
-end
-local top = tonumber(redis.call('hget', KEYS[1], 's') or '0')
+# KEYS: 1 meta hash, 2 stream. ARGV: 1 what ('top', 'since', 'last'), 2 since offset, 3 count,
+# 4 epoch to start (when there is none, or the incarnation changed), 5 meta ttl ms, 6 '1' to
+# create the channel's epoch when there is none ('' = create none), 7 the server's
+# incarnation. Returns {epoch or '', top, entries, base}: ``base`` is the offset after which
+# the epoch began (0 unless an incarnation change started it, offsets continuing).
+HISTORY_LUA = CHECK_INCARNATION_LUA + """
+local epoch, created = current_epoch(KEYS[1], KEYS[2], ARGV[4], ARGV[7], ARGV[6] ~= '')
+if not epoch then return {'', 0, {}, 0} end
+if created then redis.call('pexpire', KEYS[1], ARGV[5]) end
+local m = redis.call('hmget', KEYS[1], 's', 'b')
+local top = tonumber(m[1] or '0')
 local entries = {}
 if ARGV[1] == 'since' then
   entries = redis.call('xrange', KEYS[2], '(' .. ARGV[2] .. '-0', '+', 'COUNT', ARGV[3])
 elseif ARGV[1] == 'last' then
   entries = redis.call('xrevrange', KEYS[2], '+', '-', 'COUNT', ARGV[3])
 end
-return {epoch, top, entries}
+return {epoch, top, entries, tonumber(m[2] or '0')}
 """
 
 
@@ -90,6 +112,9 @@ class Shard:
         self.pubsub: PubSub | None = None
         self.publish_sha = ""
         self.history_sha = ""
+        #: The Redis server's ``run_id`` on the current connection: new at every restart,
+        #: and another one on a promoted replica (the scripts compare it, see PUBLISH_LUA).
+        self.incarnation = ""
         self.connects = 0
         self.retired = False
         self._scope = trio.CancelScope()
@@ -173,6 +198,10 @@ class Shard:
                 with trio.fail_after(PING_TIMEOUT_SECONDS):
                     self.publish_sha = (await cmd.call(("SCRIPT", "LOAD", PUBLISH_LUA))).decode()
                     self.history_sha = (await cmd.call(("SCRIPT", "LOAD", HISTORY_LUA))).decode()
+                    self.incarnation = _run_id(await cmd.call(("INFO", "server")))
+                if not self.incarnation:
+                    log.warning("redis %s: INFO server gives no run_id; a restart that loses writes "
+                                "will not start a new epoch", self.endpoint.shown)
             except (OSError, trio.TooSlowError, trio.BrokenResourceError, ConnectionLost) as exc:
                 return _describe(exc)
             self.pipeline = Pipeline(cmd, MAX_PENDING_COMMANDS)
@@ -225,6 +254,15 @@ class Shard:
                 await pong.wait()
             if scope.cancelled_caught:
                 raise ConnectionLost(f"no answer to PING within {PING_TIMEOUT_SECONDS:g}s")
+
+
+def _run_id(info: bytes) -> str:
+    """The ``run_id`` in an ``INFO server`` reply ('' when the server gives none: then
+    relay cannot tell its restarts apart, and the epoch changes only when keys are lost)."""
+    for line in info.splitlines():
+        if line.startswith(b"run_id:"):
+            return line[7:].strip().decode()
+    return ""
 
 
 def _describe(exc: BaseException) -> str:

@@ -3,8 +3,10 @@ sharded pub/sub (SPUBLISH / SSUBSCRIBE)."""
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
+import hiredis
 import trio
 
 from .conftest import client, http, numsub, redis_cluster, relay_nodes, wait_ready
@@ -48,12 +50,17 @@ async def test_nodes_on_a_redis_cluster_deliver_and_recover_through_sharded_pub_
             await wait_ready(a)
 
 
-async def test_a_failover_in_the_cluster_is_followed_without_restarting_the_nodes(tmp_path: Path) -> None:
+async def test_a_failover_that_lost_writes_starts_a_new_epoch_the_nodes_follow(tmp_path: Path) -> None:
+    """The owner's replica misses the last two publishes (frozen), the owner dies and the
+    replica takes over (CLUSTER FAILOVER FORCE): offsets 4 and 5 would be reused with other
+    data, so the promoted master's first publish starts a new epoch, which the nodes follow
+    without restarting and the subscriber is told of."""
     with trio.fail_after(60):
         async with redis_cluster(tmp_path, masters=3, replicas=1) as servers, \
                 relay_nodes(tmp_path, 2, "--redis-cluster", "--redis-url", servers[0].url) as (a, b):
             channel = "match.42"
             slot = await servers[0].command("CLUSTER", "KEYSLOT", f"relay:{{{channel}}}")
+            by_port = {s.port: s for s in servers}
 
             async def owner() -> int:
                 for server in servers:
@@ -72,11 +79,31 @@ async def test_a_failover_in_the_cluster_is_followed_without_restarting_the_node
                     status, _ = await http(b, "POST", "/api/publish", {"channel": channel, "data": i})
                     assert status == 200
                 assert [(await sub.recv())["offset"] for _ in range(3)] == [1, 2, 3]
-                await trio.sleep(0.3)  # let the replica catch up (replication is asynchronous)
-                dead = await owner()
-                victim = next(s for s in servers if s.port == dead)
-                await victim.kill()
-                with trio.move_on_after(20) as waited:  # the replica is promoted; relay follows the new owner
+                master = by_port[await owner()]
+                roles = [(s, await s.command("ROLE")) for s in servers]
+                (replica,) = [s for s, role in roles if role[:3] == ["slave", "127.0.0.1", master.port]]
+                assert await master.command("WAIT", 1, 5000) == 1  # the replica has offsets 1-3
+                assert replica.proc is not None
+                # ... and will never get 4 and 5: frozen, and its link to the master cut (what
+                # the master had sent before would still wait in the replica's socket).
+                replica.proc.send_signal(signal.SIGSTOP)
+                try:
+                    assert await master.command("CLIENT", "KILL", "TYPE", "replica") == 1
+                    for i in (3, 4):
+                        status, body = await http(b, "POST", "/api/publish", {"channel": channel, "data": i})
+                        assert status == 200 and body["epoch"] == first["epoch"], body
+                    assert [(await sub.recv())["offset"] for _ in range(2)] == [4, 5]
+                    await master.kill()
+                finally:
+                    replica.proc.send_signal(signal.SIGCONT)
+                with trio.fail_after(10):
+                    while True:
+                        try:
+                            assert await replica.command("CLUSTER", "FAILOVER", "FORCE") == "OK"
+                            break
+                        except hiredis.ReplyError:
+                            await trio.sleep(0.05)  # (not yet talking to the cluster again)
+                with trio.move_on_after(20) as waited:  # relay follows the new owner
                     while True:
                         status, body = await http(b, "POST", "/api/publish", {"channel": channel, "data": "after"})
                         if status == 200:
@@ -84,11 +111,15 @@ async def test_a_failover_in_the_cluster_is_followed_without_restarting_the_node
                         assert status == 503 and body["error"] == "unavailable", body
                         await trio.sleep(0.1)
                 assert not waited.cancelled_caught, (body, b.output[-3000:])
-                assert await owner() != dead
-                assert body["epoch"] == first["epoch"] and body["offset"] >= 4, body
+                assert await owner() == replica.port
+                # Offsets continue after what the replica had, under a new epoch.
+                assert body["epoch"] != first["epoch"] and body["offset"] == 4, body
                 got = await sub.recv(timeout=10)
-                while got.get("data") != "after":
-                    got = await sub.recv(timeout=10)
-                assert got["offset"] == body["offset"]
+                assert got == {"type": "message", "channel": channel, "offset": 4, "data": "after",
+                               "epoch": body["epoch"]}, got
+                async with client(b) as late:
+                    lost = await late.subscribe(channel, since={"epoch": first["epoch"], "offset": 5})
+                    assert lost["recovered"] is False and lost["epoch"] == body["epoch"], lost
+                    assert lost["offset"] == 4, lost
             await wait_ready(a)
             await wait_ready(b)
