@@ -71,8 +71,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-cert", metavar="FILE", help="TLS certificate chain (PEM): serve wss:// and https://")
     parser.add_argument("--tls-key", metavar="FILE", help="TLS private key (PEM) of --tls-cert")
     parser.add_argument("--redis-url", metavar="URL", action="append",
-                        help="Redis server (redis:// or rediss://) shared by every node; give it again "
-                        "to shard channels over several (default: none, the in-memory broker)")
+                        help="Redis server (redis://, rediss://, or redis+sentinel://HOST:PORT,.../MASTER) "
+                        "shared by every node; give it again to shard channels over several (default: none, "
+                        "the in-memory broker)")
     parser.add_argument("--redis-cluster", action="store_true", default=None,
                         help="--redis-url names nodes of a Redis Cluster (sharded pub/sub, Redis 7+)")
     parser.add_argument("--insecure", action="store_true", default=None,

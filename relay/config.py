@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from fnmatch import fnmatchcase
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from .errors import ConfigError
 
@@ -33,6 +33,11 @@ DEFAULT_SLOW_CONSUMER = {"stream": "disconnect", "state": "conflate", "poke": "c
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 REDIS_SCHEMES = ("redis", "rediss")
+#: ``redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/MASTER[/db]``: the
+#: master named MASTER, found by asking those Sentinels (``rediss+`` for TLS to both).
+REDIS_SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+_SENTINEL_PREFIXES = tuple(scheme + "://" for scheme in REDIS_SENTINEL_SCHEMES)
+SENTINEL_PORT = 26379
 
 ENV_PREFIX = "RELAY_"
 CONFIG_PATH_ENV = "RELAY_CONFIG"
@@ -175,7 +180,7 @@ class Config:
     #: Reverse proxies (addresses or CIDR networks) whose X-Forwarded-For names the client.
     trusted_proxies: tuple[str, ...] = ()
     log_format: str = "text"
-    #: Redis servers (``redis://`` or ``rediss://`` URLs); empty: the in-memory broker.
+    #: Redis servers (``redis://``, ``rediss://`` or ``redis+sentinel://`` URLs); empty: the in-memory broker.
     #: Several URLs shard channels over them (consistent hashing of the channel name).
     redis_url: tuple[str, ...] = field(default=(), repr=False)
     #: ``redis_url`` names seed nodes of a Redis Cluster: channels follow its hash slots and
@@ -248,16 +253,80 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
+@dataclass(frozen=True)
+class SentinelUrl:
+    """A ``redis+sentinel://`` URL: the Sentinels to ask, the master's name, and the login,
+    database and TLS to use on the master."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    master: str
+    db: int
+    username: str | None
+    password: str | None
+    tls: bool
+
+
+def parse_sentinel_url(url: str) -> SentinelUrl:
+    """Parse a ``redis+sentinel://`` or ``rediss+sentinel://`` URL.
+
+    Raises:
+        ValueError: what is wrong with it (the password is not in the message).
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in REDIS_SENTINEL_SCHEMES:
+        raise ValueError(f"not a sentinel URL ({parts.scheme}://)")
+    if parts.query or parts.fragment:
+        raise ValueError("query options and fragments are not supported")
+    sentinels = []
+    for item in parts.netloc.rpartition("@")[2].split(","):
+        one = urlsplit("//" + item.strip())
+        if not one.hostname:
+            raise ValueError(f"no host in the sentinel address {item.strip()!r}")
+        port = one.port
+        if port == 0:
+            raise ValueError("port 0 is not a Sentinel port")
+        sentinels.append((one.hostname, port or SENTINEL_PORT))
+    path = parts.path.strip("/").split("/") if parts.path.strip("/") else []
+    if not path or len(path) > 2:
+        raise ValueError("the path must be /MASTER (the name the Sentinels monitor) or /MASTER/db")
+    db = path[1] if len(path) == 2 else "0"
+    if not (db.isdigit() and int(db) < 2**31):
+        raise ValueError(f"the database must be a number such as /{path[0]}/0, not /{db}")
+    return SentinelUrl(tuple(sentinels), unquote(path[0]), int(db),
+                       unquote(parts.username) if parts.username else None,
+                       unquote(parts.password) if parts.password is not None else None,
+                       parts.scheme == "rediss+sentinel")
+
+
+def _join_sentinel_hosts(urls: tuple[str, ...]) -> tuple[str, ...]:
+    """Undo the comma split of a list given as text (``RELAY_REDIS_URL``) inside a sentinel
+    URL: a piece without a scheme continues the sentinel URL before it."""
+    joined: list[str] = []
+    for url in urls:
+        if joined and "://" not in url and joined[-1].startswith(_SENTINEL_PREFIXES):
+            joined[-1] += "," + url
+        else:
+            joined.append(url)
+    return tuple(joined)
+
+
 def redis_url_problem(url: str) -> str | None:
     """Say what is wrong with one Redis URL, or return None when relay can use it."""
     shown = redact_url(url)
+    if url.startswith(_SENTINEL_PREFIXES):
+        try:
+            parse_sentinel_url(url)
+        except ValueError as exc:
+            return f"{shown!r}: {exc}"
+        return None
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as exc:
         return f"{shown!r}: {exc}"
     if parts.scheme not in REDIS_SCHEMES:
-        return f"{shown!r}: the scheme must be redis:// or rediss:// (TLS), not {parts.scheme + '://' if parts.scheme else 'missing'}"
+        return (f"{shown!r}: the scheme must be redis://, rediss:// (TLS) or redis+sentinel://, "
+                f"not {parts.scheme + '://' if parts.scheme else 'missing'}")
     if not parts.hostname:
         return f"{shown!r}: no host"
     if port == 0:
@@ -268,6 +337,11 @@ def redis_url_problem(url: str) -> str | None:
     if parts.query or parts.fragment:
         return f"{shown!r}: query options and fragments are not supported"
     return None
+
+
+def _redis_urls_problem(urls: tuple[str, ...]) -> str | None:
+    return next(filter(None, map(redis_url_problem, urls)), None) or (
+        "the same URL is given twice" if len(set(urls)) != len(urls) else None)
 
 
 # --------------------------------------------------------------------------- field specs
@@ -357,11 +431,12 @@ _CONFIG_SPECS: dict[str, _Spec] = {
     "log_format": _one_of(LOG_FORMATS, fold_case=True),
     "redis_url": _Spec(
         tuple,
-        "redis://[[user]:password@]host[:port][/db] or rediss:// (TLS) URLs; several of them "
+        "redis://[[user]:password@]host[:port][/db] or rediss:// (TLS) URLs, or "
+        "redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/MASTER[/db]; several of them "
         "(a TOML array, or comma-separated) shard the channels",
         single=True,
-        problem=lambda urls: next(filter(None, map(redis_url_problem, urls)), None) or (
-            "the same URL is given twice" if len(set(urls)) != len(urls) else None),
+        problem=lambda urls: _redis_urls_problem(_join_sentinel_hosts(urls)),
+        normalize=_join_sentinel_hosts,
     ),
     "redis_cluster": _Spec(bool, "true or false"),
     "presence_ttl": _positive_seconds(),
@@ -797,6 +872,12 @@ def _check_pairs(merged: _Layer) -> None:
         raise ConfigError(
             f"{cluster[1]}: redis_cluster = true needs redis_url (one or more of the cluster's nodes)",
             key="redis_cluster", source=cluster[1])
+    urls = given("redis_url")
+    if cluster is not None and cluster[0] and urls is not None and any(
+            u.startswith(_SENTINEL_PREFIXES) for u in urls[0]):
+        raise ConfigError(
+            f"{cluster[1]}: redis_cluster = true does not go with a redis+sentinel:// URL (from {urls[1]}): "
+            "a Redis Cluster fails over by itself", key="redis_cluster", source=cluster[1])
     cert, key = given("tls.cert"), given("tls.key")
     if (cert is None) != (key is None):
         missing, present = ("tls.key", cert) if key is None else ("tls.cert", key)
@@ -907,6 +988,7 @@ __all__ = [
     "effective_node_id",
     "generate_node_id",
     "load_config",
+    "parse_sentinel_url",
     "redact_url",
     "redis_url_problem",
 ]

@@ -7,7 +7,8 @@ Replies are parsed by ``hiredis.Reader`` (sans-IO) and commands encoded by
 :class:`PubSub` sends (S)SUBSCRIBE / (S)UNSUBSCRIBE and hands each published message to
 a callback. Connection URLs are parsed by redis-py (``redis.connection.parse_url``), so
 ``redis://``, ``rediss://``, a user, a password and a database number mean what they
-mean to every other Redis client.
+mean to every other Redis client (``redis+sentinel://`` URLs, which redis-py does not
+parse, by :func:`relay.config.parse_sentinel_url`).
 
 It never reconnects by itself: the owner (:class:`relay.broker.shard.Shard`) runs
 :meth:`Pipeline.run` / :meth:`PubSub.run`, and when either returns with an error, opens
@@ -28,7 +29,7 @@ from urllib.parse import quote
 import hiredis
 import trio
 
-from ..config import redact_url
+from ..config import parse_sentinel_url, redact_url
 from ..errors import Unavailable
 
 log = logging.getLogger("relay.broker")
@@ -57,9 +58,18 @@ class Endpoint:
     username: str | None
     password: str | None
     tls: bool
+    #: With a ``redis+sentinel://`` URL: the master's name and the Sentinels that know where
+    #: it is (``host`` and ``port`` are then the first Sentinel's, not the master's).
+    master: str | None = None
+    sentinels: tuple[tuple[str, int], ...] = ()
 
     @classmethod
     def parse(cls, url: str) -> Endpoint:
+        if url.startswith(("redis+sentinel://", "rediss+sentinel://")):
+            sentinel = parse_sentinel_url(url)
+            host, port = sentinel.sentinels[0]
+            return cls(url, host, port, sentinel.db, sentinel.username, sentinel.password, sentinel.tls,
+                       sentinel.master, sentinel.sentinels)
         # (imported here: the test suite's own "redis" package shadows redis-py in-process)
         from redis.connection import parse_url
 
@@ -74,14 +84,17 @@ class Endpoint:
             tls=url.startswith("rediss://"),
         )
 
-    def moved_to(self, host: str, port: int) -> Endpoint:
-        """The same login on another server (a Redis Cluster master), database 0."""
+    def moved_to(self, host: str, port: int, db: int = 0, *, login: bool = True) -> Endpoint:
+        """Another server with the same login (or none): a Redis Cluster master (database 0),
+        the master a Sentinel named, or a Sentinel (``login=False``)."""
         scheme = "rediss" if self.tls else "redis"
-        login = ""
-        if self.password is not None:
-            login = f"{quote(self.username or '', safe='')}:{quote(self.password, safe='')}@"
+        username, password = (self.username, self.password) if login else (None, None)
+        auth = ""
+        if password is not None:
+            auth = f"{quote(username or '', safe='')}:{quote(password, safe='')}@"
         netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        return Endpoint(f"{scheme}://{login}{netloc}", host, port, 0, self.username, self.password, self.tls)
+        path = f"/{db}" if db else ""
+        return Endpoint(f"{scheme}://{auth}{netloc}{path}", host, port, db, username, password, self.tls)
 
     @property
     def shown(self) -> str:
@@ -90,7 +103,10 @@ class Endpoint:
 
     @property
     def identity(self) -> str:
-        """What names this server on the hash ring: host, port and database (no password)."""
+        """What names this server on the hash ring: host, port and database (no password),
+        or for a master found through Sentinels its name and database."""
+        if self.master is not None:
+            return f"sentinel:{self.master}/{self.db}"
         return f"{self.host}:{self.port}/{self.db}"
 
 

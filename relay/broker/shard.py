@@ -1,11 +1,14 @@
-"""One Redis server (or Redis Cluster master) as relay uses it: a pipelined command
-connection and a pub/sub connection, kept up for as long as the node runs.
+"""One Redis server (or Redis Cluster master, or the master a set of Sentinels names) as
+relay uses it: a pipelined command connection and a pub/sub connection, kept up for as long
+as the node runs.
 
-A :class:`Shard` connects, loads the two Lua scripts, pings both connections, and when one
-is lost (refused, closed, killed mid-reply, silent past ``PING_TIMEOUT_SECONDS``) tells its
-:class:`~relay.broker.bridge.RedisBridge`, waits (exponential backoff with jitter) and
-connects again. Channel work that must end with the connection (syncs, history reads for
-joining subscribers) runs in the shard's per-connection nursery (:meth:`Shard.start_soon`).
+A :class:`Shard` connects (with Sentinels: to the master they name, asked again at every
+connect), loads the two Lua scripts, reads the server's incarnation (``run_id``), pings
+both connections, and when one is lost (refused, closed, killed mid-reply, silent past
+``PING_TIMEOUT_SECONDS``) tells its :class:`~relay.broker.bridge.RedisBridge`, waits
+(exponential backoff with jitter) and connects again. Channel work that must end with the
+connection (syncs, history reads for joining subscribers) runs in the shard's
+per-connection nursery (:meth:`Shard.start_soon`).
 It knows nothing of channels: the bridge does.
 """
 
@@ -36,6 +39,8 @@ BACKOFF_MAX_SECONDS = 2.0
 #: shard reconnects (a Redis that stopped answering is treated as down).
 PING_EVERY_SECONDS = 1.0
 PING_TIMEOUT_SECONDS = 3.0
+#: How long one Sentinel may take to say where the master is (then the next is asked).
+SENTINEL_TIMEOUT_SECONDS = 1.0
 #: Commands that may wait for Redis replies per shard (publishes beyond get ``unavailable``).
 MAX_PENDING_COMMANDS = 20_000
 # KEYS: 1 meta hash, 2 stream. ARGV: 1 entry, 2 history size, 3 stream ttl ms, 4 epoch to
@@ -108,6 +113,9 @@ class Shard:
         self.up = False
         #: Why the shard is down (None while up).
         self.problem: str | None = "not connected yet"
+        #: The server the connections go to: ``endpoint``, or with Sentinels the master
+        #: they named at the last connect.
+        self.address = endpoint
         self.pipeline: Pipeline | None = None
         self.pubsub: PubSub | None = None
         self.publish_sha = ""
@@ -183,12 +191,14 @@ class Shard:
     async def _session(self) -> str:
         """Connect, serve until a connection is lost, and return why it ended."""
         node = self.bridge.node_id
+        sentinels = self.endpoint.master is not None
         try:
-            cmd = await Link.open(self.endpoint, f"relay-{node}-cmd")
+            self.address = await self._ask_sentinels() if sentinels else self.endpoint
+            cmd = await Link.open(self.address, f"relay-{node}-cmd")
         except (OSError, trio.TooSlowError, trio.BrokenResourceError, ConnectionLost) as exc:
             return _describe(exc)
         try:
-            sub = await Link.open(self.endpoint, f"relay-{node}-sub")
+            sub = await Link.open(self.address, f"relay-{node}-sub")
         except (OSError, trio.TooSlowError, trio.BrokenResourceError, ConnectionLost) as exc:
             await cmd.aclose()
             return _describe(exc)
@@ -196,6 +206,10 @@ class Shard:
         try:
             try:
                 with trio.fail_after(PING_TIMEOUT_SECONDS):
+                    if sentinels and (role := (await cmd.call(("ROLE",)))[0]) != b"master":
+                        raise ConnectionLost(
+                            f"{self.address.host}:{self.address.port}, named master {self.endpoint.master!r} "
+                            f"by the sentinels, is a {role.decode()}")
                     self.publish_sha = (await cmd.call(("SCRIPT", "LOAD", PUBLISH_LUA))).decode()
                     self.history_sha = (await cmd.call(("SCRIPT", "LOAD", HISTORY_LUA))).decode()
                     self.incarnation = _run_id(await cmd.call(("INFO", "server")))
@@ -214,7 +228,11 @@ class Shard:
                 self._failed = None
                 self.up, self.problem = True, None
                 self.connects += 1
-                log.info("redis %s connected", self.endpoint.shown)
+                if sentinels:
+                    log.info("redis %s connected: master at %s:%d", self.endpoint.shown,
+                             self.address.host, self.address.port)
+                else:
+                    log.info("redis %s connected", self.endpoint.shown)
                 self.bridge.shard_up(self)
         finally:
             self.up = False
@@ -228,6 +246,34 @@ class Shard:
             await cmd.aclose()
             await sub.aclose()
         return lost[0] if lost else (self._failed or "connection closed")
+
+    async def _ask_sentinels(self) -> Endpoint:
+        """Ask the Sentinels in turn where the master is (each within
+        ``SENTINEL_TIMEOUT_SECONDS``); the first that names it wins.
+
+        Raises:
+            ConnectionLost: none did (the message says what each answered).
+        """
+        endpoint, master = self.endpoint, self.endpoint.master
+        assert master is not None
+        problems: list[str] = []
+        for host, port in endpoint.sentinels:
+            try:
+                with trio.fail_after(SENTINEL_TIMEOUT_SECONDS):
+                    link = await Link.open(endpoint.moved_to(host, port, login=False),
+                                           f"relay-{self.bridge.node_id}-sentinel")
+                    try:
+                        reply = await link.call(("SENTINEL", "get-master-addr-by-name", master))
+                    finally:
+                        await link.aclose()
+            except (OSError, trio.TooSlowError, trio.BrokenResourceError, ConnectionLost) as exc:
+                problems.append(f"sentinel {host}:{port}: {_describe(exc)}")
+                continue
+            if not reply:
+                problems.append(f"sentinel {host}:{port} knows no master {master!r}")
+                continue
+            return endpoint.moved_to(reply[0].decode(), int(reply[1]), endpoint.db)
+        raise ConnectionLost("; ".join(problems))
 
     @staticmethod
     async def _guard(fn: Callable[[], Any], lost: list[str], scope: trio.CancelScope) -> None:

@@ -48,13 +48,15 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    def argv(self, redis_server: str) -> list[str]:
+        return [redis_server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--dir", str(self.workdir), "--protected-mode", "no", *self.extra]
+
     async def start(self) -> None:
         assert REDIS_SERVER is not None, (
             "redis-server is not installed (apt-get install redis-server): the Redis tests need it")
         self.proc = await trio.lowlevel.open_process(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir), "--protected-mode", "no", *self.extra],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self.argv(REDIS_SERVER), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         with trio.fail_after(10):
             while True:
                 assert self.proc.returncode is None, f"redis-server on port {self.port} exited at start"
@@ -77,6 +79,10 @@ class RedisServer:
 
     async def command(self, *args: str | int) -> Any:
         """One command over a fresh connection; replies parsed by hiredis."""
+        return (await self.commands(args))[0]
+
+    async def commands(self, *commands: tuple[str | int, ...]) -> list[Any]:
+        """Commands in order over one fresh connection; their replies."""
         import hiredis
 
         stream: trio.abc.Stream = await trio.open_tcp_stream("127.0.0.1", self.port)
@@ -86,16 +92,43 @@ class RedisServer:
             ctx.verify_mode = ssl.CERT_NONE
             stream = trio.SSLStream(stream, ctx)
         async with stream:
-            await stream.send_all(hiredis.pack_command(tuple(args)))
+            await stream.send_all(b"".join(hiredis.pack_command(tuple(args)) for args in commands))
             reader = hiredis.Reader(encoding="utf-8")
-            while (reply := reader.gets()) is False:
-                data = await stream.receive_some(65536)
-                if not data:
-                    raise OSError("redis closed the connection")
-                reader.feed(data)
-            if isinstance(reply, hiredis.ReplyError):
-                raise reply
-            return reply
+            replies: list[Any] = []
+            while len(replies) < len(commands):
+                while (reply := reader.gets()) is False:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        raise OSError("redis closed the connection")
+                    reader.feed(data)
+                if isinstance(reply, hiredis.ReplyError):
+                    raise reply
+                replies.append(reply)
+            return replies
+
+    async def replicated(self, key: str = "test:replicated") -> None:
+        """Return once a replica has every write this master took so far (WAIT counts the
+        writes of its own connection: one write first, to ``key``, then WAIT for it)."""
+        _, acked = await self.commands(("INCR", key), ("WAIT", 1, 5000))
+        assert acked == 1, "the replica did not catch up within 5 s"
+
+
+class SentinelServer(RedisServer):
+    """A Redis Sentinel (``redis-server sentinel.conf --sentinel``, the same binary) that
+    watches the master on 127.0.0.1:``master_port`` as ``name``, alone (quorum 1): it fails
+    over about 1 s after the master stopped answering (down-after 1000 ms)."""
+
+    def __init__(self, port: int, workdir: Path, master_port: int, name: str) -> None:
+        super().__init__(port, workdir)
+        self.conf = workdir / f"sentinel-{port}.conf"
+        self.conf.write_text(
+            f"port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {workdir}\n"
+            f"sentinel monitor {name} 127.0.0.1 {master_port} 1\n"
+            f"sentinel down-after-milliseconds {name} 1000\n"
+            f"sentinel failover-timeout {name} 2000\n")
+
+    def argv(self, redis_server: str) -> list[str]:
+        return [redis_server, str(self.conf), "--sentinel"]
 
 
 @asynccontextmanager
@@ -146,6 +179,19 @@ async def http(node: RelayProcess, method: str, path: str, body: Any = None) -> 
     if headers.get("content-type", "").startswith("application/json"):
         return status, json.loads(out)
     return status, out.decode()
+
+
+async def publish_once_back(node: RelayProcess, channel: str, data: Any, timeout: float) -> dict[str, Any]:
+    """Publish through ``node`` until Redis takes it (after a failover: ``unavailable`` until
+    the node reaches the new master); return the answer."""
+    with trio.move_on_after(timeout) as waited:
+        while True:
+            status, body = await http(node, "POST", "/api/publish", {"channel": channel, "data": data})
+            if status == 200:
+                return body  # type: ignore[no-any-return]
+            assert status == 503 and body["error"] == "unavailable", body
+            await trio.sleep(0.1)
+    raise AssertionError(f"still {body} after {timeout}s\n{node.output[-3000:]}")
 
 
 async def readyz(node: RelayProcess) -> tuple[int, str]:
@@ -209,7 +255,7 @@ async def redis_cluster(workdir: Path, masters: int = 3, replicas: int = 0) -> A
             nodes.append(await stack.enter_async_context(redis_server(
                 workdir / f"cluster{i}", cluster_port(), "--cluster-enabled", "yes",
                 "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "1000",
-                "--cluster-replica-validity-factor", "0")))
+                "--cluster-replica-validity-factor", "0", "--repl-diskless-sync-delay", "0")))
         await trio.run_process(
             [redis_cli, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes),
              "--cluster-replicas", str(replicas), "--cluster-yes"],

@@ -9,7 +9,7 @@ from pathlib import Path
 import hiredis
 import trio
 
-from .conftest import client, http, numsub, redis_cluster, relay_nodes, wait_ready
+from .conftest import client, http, numsub, publish_once_back, redis_cluster, relay_nodes, wait_ready
 
 
 async def test_nodes_on_a_redis_cluster_deliver_and_recover_through_sharded_pub_sub(tmp_path: Path) -> None:
@@ -82,7 +82,7 @@ async def test_a_failover_that_lost_writes_starts_a_new_epoch_the_nodes_follow(t
                 master = by_port[await owner()]
                 roles = [(s, await s.command("ROLE")) for s in servers]
                 (replica,) = [s for s, role in roles if role[:3] == ["slave", "127.0.0.1", master.port]]
-                assert await master.command("WAIT", 1, 5000) == 1  # the replica has offsets 1-3
+                await master.replicated(f"relay:{{{channel}}}:test")  # the replica has offsets 1-3
                 assert replica.proc is not None
                 # ... and will never get 4 and 5: frozen, and its link to the master cut (what
                 # the master had sent before would still wait in the replica's socket).
@@ -103,14 +103,7 @@ async def test_a_failover_that_lost_writes_starts_a_new_epoch_the_nodes_follow(t
                             break
                         except hiredis.ReplyError:
                             await trio.sleep(0.05)  # (not yet talking to the cluster again)
-                with trio.move_on_after(20) as waited:  # relay follows the new owner
-                    while True:
-                        status, body = await http(b, "POST", "/api/publish", {"channel": channel, "data": "after"})
-                        if status == 200:
-                            break
-                        assert status == 503 and body["error"] == "unavailable", body
-                        await trio.sleep(0.1)
-                assert not waited.cancelled_caught, (body, b.output[-3000:])
+                body = await publish_once_back(b, channel, "after", 20)  # relay follows the new owner
                 assert await owner() == replica.port
                 # Offsets continue after what the replica had, under a new epoch.
                 assert body["epoch"] != first["epoch"] and body["offset"] == 4, body

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import load_config, redact_url
+from relay.config import SentinelUrl, load_config, parse_sentinel_url, redact_url
 from relay.errors import ConfigError
 
 
@@ -24,14 +24,23 @@ def test_redis_url_comes_from_a_flag_the_environment_or_the_file(tmp_path: Path)
 
 
 @pytest.mark.parametrize(("url", "says"), [
-    ("http://h:1", "scheme must be redis:// or rediss://"),
-    ("h:6379", "scheme must be redis:// or rediss://"),
+    ("http://h:1", "scheme must be redis://, rediss:// (TLS) or redis+sentinel://"),
+    ("h:6379", "scheme must be redis://, rediss:// (TLS) or redis+sentinel://"),
     ("redis://", "no host"),
     ("redis://h:99999", "Port out of range"),
     ("redis://h:0", "port 0"),
     ("redis://h/abc", "database number"),
     ("redis://h/0?timeout=1", "query options"),
-], ids=["http", "no-scheme", "no-host", "port-range", "port-0", "db", "query"])
+    ("redis+sentinel://s1:26379", "the path must be /MASTER"),
+    ("redis+sentinel://s1/m/0/1", "the path must be /MASTER"),
+    ("redis+sentinel://s1/m/x", "the database must be a number"),
+    ("redis+sentinel://s1,/m", "no host in the sentinel address"),
+    ("redis+sentinel://s1:0/m", "port 0"),
+    ("redis+sentinel://s1:99999/m", "Port out of range"),
+    ("redis+sentinel://s1/m?sentinel_password=x", "query options"),
+], ids=["http", "no-scheme", "no-host", "port-range", "port-0", "db", "query", "sentinel-no-master",
+        "sentinel-long-path", "sentinel-db", "sentinel-empty-host", "sentinel-port-0", "sentinel-port-range",
+        "sentinel-query"])
 def test_a_bad_redis_url_is_refused_with_what_is_wrong(url: str, says: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(flags={"redis_url": [url]})
@@ -54,4 +63,22 @@ def test_redis_cluster_needs_seed_urls() -> None:
     assert load_config(env={"RELAY_REDIS_CLUSTER": "yes", "RELAY_REDIS_URL": "redis://h:7000"}).redis_cluster
     with pytest.raises(ConfigError, match="redis_cluster = true needs redis_url") as info:
         load_config(flags={"redis_cluster": True})
+    assert info.value.key == "redis_cluster"
+
+
+def test_a_sentinel_url_names_the_sentinels_and_the_master_and_survives_the_comma_split() -> None:
+    url = "redis+sentinel://app:s%40cret@10.0.0.1:26379,10.0.0.2,[::1]:26380/orders/2"
+    assert load_config(flags={"redis_url": [url]}).redis_url == (url,)
+    # RELAY_REDIS_URL is split at commas: the sentinel list is put back together.
+    env = load_config(env={"RELAY_REDIS_URL": f"{url}, redis://other:6379"})
+    assert env.redis_url == (url, "redis://other:6379")
+    got = parse_sentinel_url(url)
+    assert got == SentinelUrl((("10.0.0.1", 26379), ("10.0.0.2", 26379), ("::1", 26380)), "orders", 2,
+                              "app", "s@cret", False)
+    assert parse_sentinel_url("rediss+sentinel://s/m").tls and parse_sentinel_url("rediss+sentinel://s/m").db == 0
+    with pytest.raises(ConfigError) as info:
+        load_config(env={"RELAY_REDIS_URL": "redis+sentinel://:hunter2@s1,s2"})
+    assert "hunter2" not in str(info.value) and "the path must be /MASTER" in str(info.value)
+    with pytest.raises(ConfigError, match="does not go with a redis[+]sentinel:// URL") as info:
+        load_config(flags={"redis_cluster": True, "redis_url": ["redis+sentinel://s/m"]})
     assert info.value.key == "redis_cluster"
