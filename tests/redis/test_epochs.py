@@ -120,3 +120,26 @@ async def test_a_clean_restart_that_lost_nothing_starts_a_new_epoch_too(tmp_path
                 assert (ack["epoch"], ack["offset"]) == (answer["epoch"], 4), ack
                 assert await sub.recv() == {"type": "message", "channel": channel, "offset": 4,
                                             "data": 4, "epoch": ack["epoch"]}
+
+
+async def test_a_state_channel_keeps_the_value_redis_kept_under_the_new_epoch(tmp_path: Path) -> None:
+    """The node that had delivered values 4 and 5 (lost with the restart) gives a new
+    subscriber the value Redis kept (3), under the new epoch, not its own stale 5."""
+    config = '[[channels]]\npattern = "game.*"\nmode = "state"\n'
+    with trio.fail_after(30):
+        async with redis_server(tmp_path) as redis, \
+                relay_nodes(tmp_path, 1, "--redis-url", redis.url, config=config) as (a,):
+            async with client(a) as member:
+                first = await member.subscribe("game.1", ref=1)
+                for i in range(1, 6):
+                    await publish(a, "game.1", i)
+                    if i == 3:
+                        assert await redis.command("SAVE") == "OK"
+                while (await member.recv())["offset"] != 5:
+                    pass
+                await restart(redis, clean=False)
+                await wait_ready(a)
+                async with client(a) as late:
+                    answer = await late.subscribe("game.1")
+                    assert answer["epoch"] != first["epoch"] and answer["offset"] == 3, answer
+                    assert await late.recv() == {"type": "message", "channel": "game.1", "offset": 3, "data": 3}
