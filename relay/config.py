@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from fnmatch import fnmatchcase
 from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 from .errors import ConfigError
 
@@ -34,7 +34,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 REDIS_SCHEMES = ("redis", "rediss")
 #: ``redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/MASTER[/db]``: the
-#: master named MASTER, found by asking those Sentinels (``rediss+`` for TLS to both).
+#: master named MASTER, found by asking those Sentinels (``rediss+`` for TLS to both;
+#: ``?sentinel_password=...`` and ``sentinel_username`` when the Sentinels want a login).
 REDIS_SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
 _SENTINEL_PREFIXES = tuple(scheme + "://" for scheme in REDIS_SENTINEL_SCHEMES)
 SENTINEL_PORT = 26379
@@ -244,10 +245,13 @@ def effective_node_id(cfg: Config) -> str:
 
 
 def redact_url(url: str) -> str:
-    """Return ``url`` with any password replaced by ``***`` (for logs and error messages)."""
+    """Return ``url`` with any password replaced by ``***`` (for logs and error messages):
+    the login's, and a ``sentinel_password`` query option's."""
     parts = urlsplit(url)
+    if "sentinel_password=" in parts.query:
+        parts = parts._replace(query=re.sub(r"(^|&)(sentinel_password=)[^&]*", r"\1\2***", parts.query))
     if parts.password is None:
-        return url
+        return urlunsplit(parts)
     user = parts.username or ""
     host = parts.netloc.rpartition("@")[2]
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
@@ -264,6 +268,9 @@ class SentinelUrl:
     username: str | None
     password: str | None
     tls: bool
+    #: The Sentinels' own login (``?sentinel_username=...&sentinel_password=...``; None: none).
+    sentinel_username: str | None = None
+    sentinel_password: str | None = None
 
 
 def parse_sentinel_url(url: str) -> SentinelUrl:
@@ -275,8 +282,13 @@ def parse_sentinel_url(url: str) -> SentinelUrl:
     parts = urlsplit(url)
     if parts.scheme not in REDIS_SENTINEL_SCHEMES:
         raise ValueError(f"not a sentinel URL ({parts.scheme}://)")
-    if parts.query or parts.fragment:
-        raise ValueError("query options and fragments are not supported")
+    if parts.fragment:
+        raise ValueError("fragments are not supported")
+    options = parse_qs(parts.query, keep_blank_values=True) if parts.query else {}
+    if unknown := sorted(set(options) - {"sentinel_username", "sentinel_password"}) or sorted(
+            k for k, v in options.items() if len(v) != 1):
+        raise ValueError(f"query option {unknown[0]!r} is not supported (only sentinel_username and "
+                         "sentinel_password, once each)")
     sentinels = []
     for item in parts.netloc.rpartition("@")[2].split(","):
         one = urlsplit("//" + item.strip())
@@ -295,7 +307,8 @@ def parse_sentinel_url(url: str) -> SentinelUrl:
     return SentinelUrl(tuple(sentinels), unquote(path[0]), int(db),
                        unquote(parts.username) if parts.username else None,
                        unquote(parts.password) if parts.password is not None else None,
-                       parts.scheme == "rediss+sentinel")
+                       parts.scheme == "rediss+sentinel",
+                       options.get("sentinel_username", [None])[0], options.get("sentinel_password", [None])[0])
 
 
 def _join_sentinel_hosts(urls: tuple[str, ...]) -> tuple[str, ...]:
@@ -432,7 +445,8 @@ _CONFIG_SPECS: dict[str, _Spec] = {
     "redis_url": _Spec(
         tuple,
         "redis://[[user]:password@]host[:port][/db] or rediss:// (TLS) URLs, or "
-        "redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/MASTER[/db]; several of them "
+        "redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/MASTER[/db][?sentinel_password=...]; "
+        "several of them "
         "(a TOML array, or comma-separated) shard the channels",
         single=True,
         problem=lambda urls: _redis_urls_problem(_join_sentinel_hosts(urls)),

@@ -62,6 +62,8 @@ class Endpoint:
     #: it is (``host`` and ``port`` are then the first Sentinel's, not the master's).
     master: str | None = None
     sentinels: tuple[tuple[str, int], ...] = ()
+    #: The Sentinels' own user and password (None: they take no login).
+    sentinel_login: tuple[str | None, str | None] = (None, None)
 
     @classmethod
     def parse(cls, url: str) -> Endpoint:
@@ -69,7 +71,7 @@ class Endpoint:
             sentinel = parse_sentinel_url(url)
             host, port = sentinel.sentinels[0]
             return cls(url, host, port, sentinel.db, sentinel.username, sentinel.password, sentinel.tls,
-                       sentinel.master, sentinel.sentinels)
+                       sentinel.master, sentinel.sentinels, (sentinel.sentinel_username, sentinel.sentinel_password))
         # (imported here: the test suite's own "redis" package shadows redis-py in-process)
         from redis.connection import parse_url
 
@@ -84,11 +86,11 @@ class Endpoint:
             tls=url.startswith("rediss://"),
         )
 
-    def moved_to(self, host: str, port: int, db: int = 0, *, login: bool = True) -> Endpoint:
-        """Another server with the same login (or none): a Redis Cluster master (database 0),
-        the master a Sentinel named, or a Sentinel (``login=False``)."""
+    def moved_to(self, host: str, port: int, db: int = 0, *, sentinel: bool = False) -> Endpoint:
+        """Another server with the same login: a Redis Cluster master (database 0), the master
+        a Sentinel named, or (``sentinel=True``, with the Sentinels' login) a Sentinel."""
         scheme = "rediss" if self.tls else "redis"
-        username, password = (self.username, self.password) if login else (None, None)
+        username, password = self.sentinel_login if sentinel else (self.username, self.password)
         auth = ""
         if password is not None:
             auth = f"{quote(username or '', safe='')}:{quote(password, safe='')}@"

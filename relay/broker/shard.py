@@ -260,7 +260,7 @@ class Shard:
         for host, port in endpoint.sentinels:
             try:
                 with trio.fail_after(SENTINEL_TIMEOUT_SECONDS):
-                    link = await Link.open(endpoint.moved_to(host, port, login=False),
+                    link = await Link.open(endpoint.moved_to(host, port, sentinel=True),
                                            f"relay-{self.bridge.node_id}-sentinel")
                     try:
                         reply = await link.call(("SENTINEL", "get-master-addr-by-name", master))

@@ -42,6 +42,8 @@ class RedisServer:
         self.extra = extra
         #: The server speaks TLS on ``port`` (the test's own commands then skip verification).
         self.tls = tls
+        #: The test's own commands log in with it first (None: no AUTH).
+        self.password: str | None = None
         self.proc: trio.Process | None = None
 
     @property
@@ -82,7 +84,13 @@ class RedisServer:
         return (await self.commands(args))[0]
 
     async def commands(self, *commands: tuple[str | int, ...]) -> list[Any]:
-        """Commands in order over one fresh connection; their replies."""
+        """Commands in order over one fresh connection (logged in first with ``password``,
+        if set); their replies."""
+        if self.password is None:
+            return await self._exchange(commands)
+        return (await self._exchange((("AUTH", self.password), *commands)))[1:]
+
+    async def _exchange(self, commands: tuple[tuple[str | int, ...], ...]) -> list[Any]:
         import hiredis
 
         stream: trio.abc.Stream = await trio.open_tcp_stream("127.0.0.1", self.port)
@@ -116,16 +124,19 @@ class RedisServer:
 class SentinelServer(RedisServer):
     """A Redis Sentinel (``redis-server sentinel.conf --sentinel``, the same binary) that
     watches the master on 127.0.0.1:``master_port`` as ``name``, alone (quorum 1): it fails
-    over about 1 s after the master stopped answering (down-after 1000 ms)."""
+    over about 1 s after the master stopped answering (down-after 1000 ms). With ``password``
+    its clients must log in (``requirepass``)."""
 
-    def __init__(self, port: int, workdir: Path, master_port: int, name: str) -> None:
+    def __init__(self, port: int, workdir: Path, master_port: int, name: str, password: str | None = None) -> None:
         super().__init__(port, workdir)
+        self.password = password
         self.conf = workdir / f"sentinel-{port}.conf"
         self.conf.write_text(
             f"port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {workdir}\n"
             f"sentinel monitor {name} 127.0.0.1 {master_port} 1\n"
             f"sentinel down-after-milliseconds {name} 1000\n"
-            f"sentinel failover-timeout {name} 2000\n")
+            f"sentinel failover-timeout {name} 2000\n"
+            + (f"requirepass {password}\n" if password else ""))
 
     def argv(self, redis_server: str) -> list[str]:
         return [redis_server, str(self.conf), "--sentinel"]

@@ -37,10 +37,11 @@ def test_redis_url_comes_from_a_flag_the_environment_or_the_file(tmp_path: Path)
     ("redis+sentinel://s1,/m", "no host in the sentinel address"),
     ("redis+sentinel://s1:0/m", "port 0"),
     ("redis+sentinel://s1:99999/m", "Port out of range"),
-    ("redis+sentinel://s1/m?sentinel_password=x", "query options"),
+    ("redis+sentinel://s1/m?timeout=1", "query option 'timeout' is not supported"),
+    ("redis+sentinel://s1/m?sentinel_password=a&sentinel_password=b", "once each"),
 ], ids=["http", "no-scheme", "no-host", "port-range", "port-0", "db", "query", "sentinel-no-master",
         "sentinel-long-path", "sentinel-db", "sentinel-empty-host", "sentinel-port-0", "sentinel-port-range",
-        "sentinel-query"])
+        "sentinel-query", "sentinel-twice"])
 def test_a_bad_redis_url_is_refused_with_what_is_wrong(url: str, says: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(flags={"redis_url": [url]})
@@ -76,6 +77,10 @@ def test_a_sentinel_url_names_the_sentinels_and_the_master_and_survives_the_comm
     assert got == SentinelUrl((("10.0.0.1", 26379), ("10.0.0.2", 26379), ("::1", 26380)), "orders", 2,
                               "app", "s@cret", False)
     assert parse_sentinel_url("rediss+sentinel://s/m").tls and parse_sentinel_url("rediss+sentinel://s/m").db == 0
+    guarded = parse_sentinel_url("redis+sentinel://s/m?sentinel_username=watch&sentinel_password=p%26w")
+    assert (guarded.sentinel_username, guarded.sentinel_password, guarded.password) == ("watch", "p&w", None)
+    assert redact_url("redis+sentinel://:pw@s/m?sentinel_username=watch&sentinel_password=p%26w") == (
+        "redis+sentinel://:***@s/m?sentinel_username=watch&sentinel_password=***")
     with pytest.raises(ConfigError) as info:
         load_config(env={"RELAY_REDIS_URL": "redis+sentinel://:hunter2@s1,s2"})
     assert "hunter2" not in str(info.value) and "the path must be /MASTER" in str(info.value)

@@ -18,8 +18,8 @@ async def test_nodes_follow_a_sentinel_failover_to_the_promoted_replica(tmp_path
     name, channel = "relaymaster", "feed"
     with trio.fail_after(30):
         async with AsyncExitStack() as stack:
-            for sub in ("master", "replica", "sentinel"):
-                (tmp_path / sub).mkdir()
+            for server in ("master", "replica", "sentinel"):
+                (tmp_path / server).mkdir()
             # (no 5 s wait for more replicas before the first sync)
             master = await stack.enter_async_context(redis_server(
                 tmp_path / "master", None, "--repl-diskless-sync-delay", "0"))
@@ -27,13 +27,15 @@ async def test_nodes_follow_a_sentinel_failover_to_the_promoted_replica(tmp_path
                 tmp_path / "replica", None, "--replicaof", "127.0.0.1", str(master.port)))
             while "master_link_status:up" not in await replica.command("INFO", "replication"):
                 await trio.sleep(0.02)
-            sentinel = SentinelServer(free_port(), tmp_path / "sentinel", master.port, name)
+            sentinel = SentinelServer(free_port(), tmp_path / "sentinel", master.port, name, "sentinel-pw")
             await sentinel.start()
             stack.push_async_callback(sentinel.stop)
             while not await sentinel.command("SENTINEL", "REPLICAS", name):
                 await trio.sleep(0.02)  # it learns of the replica from the master's INFO
-            # The first address is a Sentinel that is not there: the next one is asked.
-            url = f"redis+sentinel://127.0.0.1:{free_port()},127.0.0.1:{sentinel.port}/{name}"
+            # The first address is a Sentinel that is not there: the next one is asked (with
+            # its password).
+            url = (f"redis+sentinel://127.0.0.1:{free_port()},127.0.0.1:{sentinel.port}/{name}"
+                   "?sentinel_password=sentinel-pw")
             a, b = await stack.enter_async_context(relay_nodes(tmp_path, 2, "--redis-url", url))
             assert f"master at 127.0.0.1:{master.port}" in a.output, a.output
             async with client(a) as sub:
@@ -54,3 +56,4 @@ async def test_nodes_follow_a_sentinel_failover_to_the_promoted_replica(tmp_path
                 await wait_ready(node)
                 assert f"master at 127.0.0.1:{replica.port}" in node.output, node.output[-3000:]
                 assert "Traceback" not in node.output, node.output
+                assert "sentinel-pw" not in node.output and "sentinel_password=***" in node.output
