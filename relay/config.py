@@ -181,8 +181,9 @@ class Config:
     #: Reverse proxies (addresses or CIDR networks) whose X-Forwarded-For names the client.
     trusted_proxies: tuple[str, ...] = ()
     log_format: str = "text"
-    #: Redis servers (``redis://``, ``rediss://`` or ``redis+sentinel://`` URLs); empty: the in-memory broker.
-    #: Several URLs shard channels over them (consistent hashing of the channel name).
+    #: Redis servers (``redis://``, ``rediss://`` or ``redis+sentinel://`` URLs); empty: the
+    #: in-memory broker. Several URLs shard channels over them (consistent hashing of the
+    #: channel name).
     redis_url: tuple[str, ...] = field(default=(), repr=False)
     #: ``redis_url`` names seed nodes of a Redis Cluster: channels follow its hash slots and
     #: messages go through sharded pub/sub (SPUBLISH / SSUBSCRIBE, Redis 7+).
@@ -285,10 +286,11 @@ def parse_sentinel_url(url: str) -> SentinelUrl:
     if parts.fragment:
         raise ValueError("fragments are not supported")
     options = parse_qs(parts.query, keep_blank_values=True) if parts.query else {}
-    if unknown := sorted(set(options) - {"sentinel_username", "sentinel_password"}) or sorted(
-            k for k, v in options.items() if len(v) != 1):
-        raise ValueError(f"query option {unknown[0]!r} is not supported (only sentinel_username and "
-                         "sentinel_password, once each)")
+    for key, values in options.items():
+        if key not in ("sentinel_username", "sentinel_password"):
+            raise ValueError(f"query option {key!r} is not supported (only sentinel_username and sentinel_password)")
+        if len(values) > 1:
+            raise ValueError(f"query option {key!r} is given twice")
     sentinels = []
     for item in parts.netloc.rpartition("@")[2].split(","):
         one = urlsplit("//" + item.strip())
@@ -446,8 +448,7 @@ _CONFIG_SPECS: dict[str, _Spec] = {
         tuple,
         "redis://[[user]:password@]host[:port][/db] or rediss:// (TLS) URLs, or "
         "redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/MASTER[/db][?sentinel_password=...]; "
-        "several of them "
-        "(a TOML array, or comma-separated) shard the channels",
+        "several of them (a TOML array, or comma-separated) shard the channels",
         single=True,
         problem=lambda urls: _redis_urls_problem(_join_sentinel_hosts(urls)),
         normalize=_join_sentinel_hosts,

@@ -38,7 +38,7 @@ def test_redis_url_comes_from_a_flag_the_environment_or_the_file(tmp_path: Path)
     ("redis+sentinel://s1:0/m", "port 0"),
     ("redis+sentinel://s1:99999/m", "Port out of range"),
     ("redis+sentinel://s1/m?timeout=1", "query option 'timeout' is not supported"),
-    ("redis+sentinel://s1/m?sentinel_password=a&sentinel_password=b", "once each"),
+    ("redis+sentinel://s1/m?sentinel_password=a&sentinel_password=b", "is given twice"),
 ], ids=["http", "no-scheme", "no-host", "port-range", "port-0", "db", "query", "sentinel-no-master",
         "sentinel-long-path", "sentinel-db", "sentinel-empty-host", "sentinel-port-0", "sentinel-port-range",
         "sentinel-query", "sentinel-twice"])

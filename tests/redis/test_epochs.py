@@ -6,17 +6,19 @@ offsets it hands out again are never taken for ones the clients already have."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
 from relay.client import Message, RecoveryLost, connect
+from server.test_subprocess import RelayProcess
 
 from .conftest import RedisServer, client, http, redis_server, relay_nodes, wait_ready
 
 
-async def publish(node: object, channel: str, data: object) -> dict[str, object]:
-    status, body = await http(node, "POST", "/api/publish", {"channel": channel, "data": data})  # type: ignore[arg-type]
+async def publish(node: RelayProcess, channel: str, data: Any) -> dict[str, Any]:
+    status, body = await http(node, "POST", "/api/publish", {"channel": channel, "data": data})
     assert status == 200, (status, body)
     return body  # type: ignore[no-any-return]
 
