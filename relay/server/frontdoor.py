@@ -15,14 +15,18 @@ import time
 from functools import partial
 from collections.abc import Awaitable, Callable, Iterator
 from urllib.parse import parse_qs, urlsplit
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import h11
 import trio
 import trio_websocket
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
-from wsproto.events import BytesMessage, CloseConnection, Event, Ping, Pong, TextMessage
+from wsproto.events import (
+    AcceptConnection, BytesMessage, CloseConnection, Event, Ping, Pong, RejectConnection, RejectData,
+    Request, TextMessage,
+)
+from wsproto.utilities import RemoteProtocolError
 
 from .. import logs
 from ..core.auth import Identity
@@ -102,13 +106,22 @@ class _ServerWebSocket(trio_websocket.WebSocketConnection):
     client only sees 1006. RFC 6455 says to send the close code first; this does.
     """
 
+    # Slots, not instance attributes: trio-websocket's instances already have as many
+    # attributes as CPython shares between instances, and three more would give every
+    # connection a dict of its own (about 1.6 KiB).
+    __slots__ = ("on_pong", "deliver", "on_reader_done")
+
     #: Called for every pong received (the connection's heartbeat bookkeeping).
-    on_pong: Callable[[], None] | None = None
+    on_pong: Callable[[], None] | None
     #: Set by the connection: handles each complete client message in the reader task,
     #: instead of passing it through a channel to another task.
-    deliver: Callable[[str | bytes], Awaitable[None]] | None = None
+    deliver: Callable[[str | bytes], Awaitable[None]] | None
     #: Set by the connection: called once the reader task has ended.
-    on_reader_done: Callable[[], None] | None = None
+    on_reader_done: Callable[[], None] | None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.on_pong = self.deliver = self.on_reader_done = None
 
     def _reader_done(self) -> None:
         callback, self.on_reader_done = self.on_reader_done, None
@@ -116,10 +129,48 @@ class _ServerWebSocket(trio_websocket.WebSocketConnection):
             callback()
 
     async def _reader_task(self) -> None:
+        """trio-websocket's reader loop (0.12.2, pinned), with one table of event handlers
+        for every connection (it builds a dict of bound methods per connection) and the
+        message channel closed through whatever stands for it at the end
+        (:meth:`drop_message_channel`); then the connection is told the reader is done."""
         try:
-            await super()._reader_task()
+            try:
+                while self._reader_running:
+                    for event in self._wsproto.events():
+                        handler = _EVENT_HANDLERS.get(type(event))
+                        if handler is None:
+                            log.warning("%s received unknown event type: %r", self, type(event))
+                            continue
+                        try:
+                            await handler(self, event)
+                        except trio_websocket.ConnectionClosed:
+                            self._reader_running = False
+                            break
+                    try:
+                        data = await self._stream.receive_some(self._receive_buffer_size)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        await self._abort_web_socket()
+                        break
+                    if not data:  # TCP closed (before a close frame: abnormal closure)
+                        if self._wsproto.state is not ConnectionState.CLOSED:
+                            await self._abort_web_socket()
+                        break
+                    if self._wsproto.state is not ConnectionState.CLOSED:
+                        try:
+                            self._wsproto.receive_data(data)  # type: ignore[arg-type]  # (bytes)
+                        except RemoteProtocolError as err:
+                            if err.event_hint:
+                                await self._send(err.event_hint)
+                            await self._close_stream()
+            finally:
+                await self._send_channel.aclose()
         finally:
             self._reader_done()
+
+    def drop_message_channel(self) -> None:
+        """Free trio-websocket's message channel once every message goes to ``deliver``
+        (nothing is sent through it or waited on any more; about 2 KiB per connection)."""
+        self._send_channel = self._recv_channel = _NO_MESSAGES  # type: ignore[assignment]
 
     async def _close_web_socket(self, code: int, reason: str | None = None) -> None:
         # the point where trio-websocket ends get_message(): no message follows
@@ -162,6 +213,46 @@ class _ServerWebSocket(trio_websocket.WebSocketConnection):
             with contextlib.suppress(trio_websocket.ConnectionClosed):
                 await self._send(CloseConnection(code=event.code, reason=event.reason))
         await super()._handle_close_connection_event(event)
+
+
+_EVENT_HANDLERS: dict[type[Event], Callable[[Any, Any], Awaitable[None]]] = {
+    AcceptConnection: _ServerWebSocket._handle_accept_connection_event,
+    BytesMessage: _ServerWebSocket._handle_message_event,
+    CloseConnection: _ServerWebSocket._handle_close_connection_event,
+    Ping: _ServerWebSocket._handle_ping_event,
+    Pong: _ServerWebSocket._handle_pong_event,
+    RejectConnection: _ServerWebSocket._handle_reject_connection_event,
+    RejectData: _ServerWebSocket._handle_reject_data_event,
+    Request: _ServerWebSocket._handle_request_event,
+    TextMessage: _ServerWebSocket._handle_message_event,
+}
+
+
+class _NoMessages:
+    """Stands in for both ends of trio-websocket's message channel once the connection
+    handles every message in the reader task: closed, empty, shared by all connections."""
+
+    __slots__ = ()
+
+    def close(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def send(self, value: object) -> None:
+        await trio.lowlevel.checkpoint()
+        raise trio.ClosedResourceError("messages are delivered in the reader task")
+
+    def receive_nowait(self) -> object:
+        raise trio.EndOfChannel
+
+    async def receive(self) -> object:
+        await trio.lowlevel.checkpoint()
+        raise trio.EndOfChannel
+
+
+_NO_MESSAGES = _NoMessages()
 
 
 class _SpentHandshake:
@@ -498,7 +589,7 @@ def codec_of(ws: trio_websocket.WebSocketConnection) -> Codec:
 
 
 async def _handshake(server: RelayServer, nursery: trio.Nursery,
-                     stream: ReplayStream) -> trio_websocket.WebSocketConnection | None:
+                     stream: ReplayStream) -> _ServerWebSocket | None:
     """Negotiate the subprotocol and accept, or refuse with a status that says why."""
     metrics = server.metrics
     ws_request = await _wrap_server_stream(nursery, stream, server.config.max_message_size)
@@ -524,5 +615,6 @@ async def _handshake(server: RelayServer, nursery: trio.Nursery,
         return None
     chosen = codec.subprotocol if ws_request.proposed_subprotocols else None
     ws = await ws_request.accept(subprotocol=chosen)
+    assert isinstance(ws, _ServerWebSocket)  # (made by _wrap_server_stream)
     _release_handshake_state(ws)
     return ws

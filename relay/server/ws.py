@@ -42,6 +42,7 @@ from .security import Guard
 
 if TYPE_CHECKING:
     from .app import RelayServer
+    from .frontdoor import _ServerWebSocket
 
 log = logging.getLogger("relay.connection")
 
@@ -112,7 +113,7 @@ class _HoldingLock:
 class Connection:
     """A client connected over WebSocket; owns its reader and writer tasks (heartbeats: the server pings)."""
 
-    def __init__(self, server: RelayServer, ws: WebSocketConnection, codec: Codec, remote: str,
+    def __init__(self, server: RelayServer, ws: _ServerWebSocket, codec: Codec, remote: str,
                  identity: Identity = ANONYMOUS, tick_ms: int = 0) -> None:
         cfg = server.config
         self.server = server
@@ -234,10 +235,13 @@ class Connection:
             self.server.add_ticked(self)
         try:
             self._attach()
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self.guard.watch_expiry, self)
-                await self._writer()
-                nursery.cancel_scope.cancel()
+            if self.guard.identity.expires is None:
+                await self._writer()  # (no nursery to keep for the connection's lifetime)
+            else:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self.guard.watch_expiry, self)
+                    await self._writer()
+                    nursery.cancel_scope.cancel()
         finally:
             self._detached = True  # a message still being parsed is not handled any more
             if self.tick_ms:
@@ -355,6 +359,7 @@ class Connection:
             pass
         except (trio.EndOfChannel, trio.ClosedResourceError):
             self._reader_ended()  # the peer is already gone
+        ws.drop_message_channel()
 
     async def _deliver(self, raw: str | bytes) -> None:
         """Handle one client message, in trio-websocket's reader task, without yielding

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import codecs
 import collections
+import hashlib
 import importlib.metadata
+import inspect
 import json
 import logging
 import os
@@ -928,6 +930,16 @@ async def test_trio_websocket_internals_the_server_relies_on_are_there() -> None
                  "_handle_ping_event", "_send", "_close_stream", "aclose", "ping"):
         assert callable(getattr(ws, name, None)), name
     assert callable(ws._recv_channel.receive_nowait)  # the reader handles what is parsed in one pass
+    # frontdoor._ServerWebSocket._reader_task is trio-websocket's reader loop with one shared
+    # table of handlers: when upstream's loop changes, that copy must be reviewed.
+    upstream = inspect.getsource(trio_websocket.WebSocketConnection._reader_task)
+    assert hashlib.sha256(upstream.encode()).hexdigest() == (
+        "69826f541cb0278a8c63ab6e152d9326241cc5e254abd438e6db4e9de6268753")
+    assert ws._reader_running is True and ws._receive_buffer_size > 0
+    assert callable(ws._send_channel.aclose)  # closed by the reader at its end
+    for name in ("_handle_accept_connection_event", "_handle_message_event", "_handle_reject_connection_event",
+                 "_handle_reject_data_event", "_handle_request_event", "_abort_web_socket"):
+        assert callable(getattr(ws, name, None)), name
     assert callable(getattr(ws, "_handle_pong_event", None))  # heartbeat pongs are noted there
     # an open connection's wsproto handshake is replaced by a stub with only events()
     proto = ws._wsproto
