@@ -1053,3 +1053,95 @@ def fanout(Members members not None, frames, key, policy, offset):
         elif not was_pending and result != _RES_CLOSED:
             woken.append(box.owner)
     return woken, overflowed
+
+
+# ---------------------------------------------------------------------------- client frames
+
+SCAN_MORE = 0
+SCAN_OTHER = 1
+SCAN_CONTROL = 2
+
+
+def scan_client_frames(data, max_size):
+    """Split the complete client frames at the start of ``data``: see the twin."""
+    cdef const unsigned char[::1] buf = data
+    cdef Py_ssize_t n = buf.shape[0]
+    cdef Py_ssize_t pos = 0, head, end, i
+    cdef unsigned char first, second, opcode
+    cdef unsigned long long length
+    cdef long long cap
+    cdef const unsigned char* src
+    cdef unsigned char* out
+    cdef unsigned char mask[4]
+    cdef bytes payload
+    cdef list frames = []
+    cdef const unsigned char* base
+    if n < 2:
+        return frames, 0, 0
+    base = &buf[0]
+    if max_size < 0:
+        cap = -1
+    elif max_size > 0x7FFFFFFFFFFFFFFF:
+        cap = 0x7FFFFFFFFFFFFFFF
+    else:
+        cap = max_size
+    while True:
+        if n - pos < 2:
+            return frames, pos, 0
+        first = base[pos]
+        second = base[pos + 1]
+        opcode = first & 0x0F
+        length = second & 0x7F
+        if (first & 0xF0) != 0x80 or not (second & 0x80):
+            return frames, pos, 1
+        if opcode == 0x1 or opcode == 0x2:
+            if length == 126:
+                if n - pos < 4:
+                    return frames, pos, 0
+                length = (<unsigned long long>base[pos + 2] << 8) | base[pos + 3]
+                if length < 126:
+                    return frames, pos, 1
+                head = 8
+            elif length == 127:
+                if n - pos < 10:
+                    return frames, pos, 0
+                length = 0
+                for i in range(8):
+                    length = (length << 8) | base[pos + 2 + i]
+                if length < 65536 or (length >> 63):
+                    return frames, pos, 1
+                head = 14
+            else:
+                head = 6
+            if <long long>length > cap:
+                return frames, pos, 1
+        elif opcode == 0x8 or opcode == 0x9 or opcode == 0xA:
+            if length > 125:
+                return frames, pos, 1
+            head = 6
+        else:
+            return frames, pos, 1
+        if <unsigned long long>(n - pos - head) < length or n - pos < head:
+            return frames, pos, 0
+        end = pos + head + <Py_ssize_t>length
+        if opcode >= 0x8:
+            frames.append((opcode, PyBytes_FromStringAndSize(<const char*>(base + pos), end - pos)))
+            return frames, end, 2
+        else:
+            mask[0] = base[pos + head - 4]
+            mask[1] = base[pos + head - 3]
+            mask[2] = base[pos + head - 2]
+            mask[3] = base[pos + head - 1]
+            payload = PyBytes_FromStringAndSize(NULL, end - pos - head)
+            out = <unsigned char*>PyBytes_AS_STRING(payload)
+            src = base + pos + head
+            for i in range(end - pos - head):
+                out[i] = src[i] ^ mask[i & 3]
+            if opcode == 0x1:
+                try:
+                    frames.append((opcode, payload.decode("utf-8")))
+                except UnicodeDecodeError:
+                    return frames, pos, 1
+            else:
+                frames.append((opcode, payload))
+        pos = end

@@ -711,3 +711,92 @@ def fanout(
         elif not was_pending and result != OFFER_CLOSED:
             woken.append(box.owner)
     return woken, overflowed
+
+
+# ---------------------------------------------------------------------------- client frames
+
+#: Why :func:`scan_client_frames` stopped: the rest is an incomplete frame (or nothing),
+#: wait for more bytes.
+SCAN_MORE = 0
+#: ... or the frame there is one the fast path leaves to wsproto (a fragment, reserved
+#: bits, an unmasked frame, an unknown opcode, a non-minimal length, a data frame over
+#: ``max_size``, a control frame that breaks RFC 6455's rules, a text frame that is not
+#: UTF-8): hand it, and everything after it, to wsproto.
+SCAN_OTHER = 1
+#: ... or the last frame returned is a control frame (close, ping, pong): have wsproto
+#: parse it, and act on it, before scanning what follows it.
+SCAN_CONTROL = 2
+
+
+def scan_client_frames(data: bytes | bytearray, max_size: int) -> tuple[list[tuple[int, Any]], int, int]:
+    """Split the complete client frames at the start of ``data`` (RFC 6455, as a server reads them).
+
+    Returns ``(frames, consumed, stop)``:
+
+    - ``frames``: ``(opcode, value)`` for each frame, in order. A final, masked text
+      frame (no reserved bits) of at most ``max_size`` bytes gives its payload unmasked
+      and decoded (``str``; not UTF-8: the scan stops there with ``SCAN_OTHER``), such a
+      binary frame its unmasked payload (``bytes``). A final, masked close, ping or pong
+      frame with at most 125 bytes gives its *raw bytes* (``bytes``, still masked), for
+      wsproto to parse, and ends the scan (``SCAN_CONTROL``).
+    - ``consumed``: how many bytes of ``data`` those frames took.
+    - ``stop``: ``SCAN_MORE`` (what follows is an incomplete frame, or nothing),
+      ``SCAN_OTHER`` (the frame at ``consumed`` is one to leave to wsproto) or
+      ``SCAN_CONTROL`` (the last frame is a control frame).
+    """
+    frames: list[tuple[int, Any]] = []
+    n = len(data)
+    pos = 0
+    while True:
+        if n - pos < 2:
+            return frames, pos, SCAN_MORE
+        first, second = data[pos], data[pos + 1]
+        opcode = first & 0x0F
+        length = second & 0x7F
+        if first & 0xF0 != 0x80 or not second & 0x80:  # not final, reserved bits, unmasked
+            return frames, pos, SCAN_OTHER
+        if opcode in (OP_TEXT, OP_BINARY):
+            if length == 126:
+                if n - pos < 4:
+                    return frames, pos, SCAN_MORE
+                length = int.from_bytes(data[pos + 2:pos + 4], "big")
+                if length < 126:
+                    return frames, pos, SCAN_OTHER
+                head = 8
+            elif length == 127:
+                if n - pos < 10:
+                    return frames, pos, SCAN_MORE
+                length = int.from_bytes(data[pos + 2:pos + 10], "big")
+                if length < 65536 or length >> 63:  # not minimal, or the top bit set
+                    return frames, pos, SCAN_OTHER
+                head = 14
+            else:
+                head = 6
+            if length > max_size:
+                return frames, pos, SCAN_OTHER
+        elif opcode in _CONTROL_OPCODES:
+            if length > MAX_CONTROL_PAYLOAD:
+                return frames, pos, SCAN_OTHER
+            head = 6
+        else:
+            return frames, pos, SCAN_OTHER
+        end = pos + head + length
+        if end > n:
+            return frames, pos, SCAN_MORE
+        if opcode in _CONTROL_OPCODES:
+            frames.append((opcode, bytes(data[pos:end])))
+            return frames, end, SCAN_CONTROL
+        else:
+            mask = data[pos + head - 4:pos + head]
+            payload = bytes(data[pos + head:end])
+            if payload:
+                key = int.from_bytes((mask * (length // 4 + 1))[:length], "big")
+                payload = (int.from_bytes(payload, "big") ^ key).to_bytes(length, "big")
+            if opcode == OP_TEXT:
+                try:
+                    frames.append((opcode, payload.decode("utf-8")))
+                except UnicodeDecodeError:
+                    return frames, pos, SCAN_OTHER
+            else:
+                frames.append((opcode, payload))
+        pos = end

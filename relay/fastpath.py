@@ -36,6 +36,9 @@ OFFER_DROPPED = _impl.OFFER_DROPPED
 OFFER_CONFLATED = _impl.OFFER_CONFLATED
 OFFER_OVERFLOW = _impl.OFFER_OVERFLOW
 OFFER_CLOSED = _impl.OFFER_CLOSED
+SCAN_MORE = _impl.SCAN_MORE
+SCAN_OTHER = _impl.SCAN_OTHER
+SCAN_CONTROL = _impl.SCAN_CONTROL
 
 frame_header = _impl.frame_header
 encode_frame = _impl.encode_frame
@@ -46,11 +49,13 @@ fanout = _impl.fanout
 fanout_into = _impl.fanout_into
 flush = _impl.flush
 flush_tick = _impl.flush_tick
+scan_client_frames = _impl.scan_client_frames
 
 __all__ = [
     "IMPLEMENTATION", "OP_CONTINUATION", "OP_TEXT", "OP_BINARY", "OP_CLOSE", "OP_PING",
     "OP_PONG", "ENC_JSON", "ENC_MSGPACK", "N_ENCODINGS", "POLICY_DISCONNECT",
     "POLICY_DROP", "POLICY_CONFLATE", "OFFER_QUEUED", "OFFER_DROPPED", "OFFER_CONFLATED",
     "OFFER_OVERFLOW", "OFFER_CLOSED", "frame_header", "encode_frame", "encode_batch", "Outbox", "Members",
-    "fanout", "fanout_into", "flush", "flush_tick",
+    "fanout", "fanout_into", "flush", "flush_tick", "SCAN_MORE", "SCAN_OTHER", "SCAN_CONTROL",
+    "scan_client_frames",
 ]

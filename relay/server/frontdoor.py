@@ -28,7 +28,7 @@ from wsproto.events import (
 )
 from wsproto.utilities import RemoteProtocolError
 
-from .. import logs
+from .. import fastpath, logs
 from ..core.auth import Identity
 from ..core.codec import BY_SUBPROTOCOL, JSON, SUPPORTED_SUBPROTOCOLS, Codec, negotiate
 from . import fallback, http_api
@@ -109,7 +109,7 @@ class _ServerWebSocket(trio_websocket.WebSocketConnection):
     # Slots, not instance attributes: trio-websocket's instances already have as many
     # attributes as CPython shares between instances, and three more would give every
     # connection a dict of its own (about 1.6 KiB).
-    __slots__ = ("on_pong", "deliver", "on_reader_done")
+    __slots__ = ("on_pong", "deliver", "on_reader_done", "_scanning", "_partial", "_unscanned")
 
     #: Called for every pong received (the connection's heartbeat bookkeeping).
     on_pong: Callable[[], None] | None
@@ -122,6 +122,12 @@ class _ServerWebSocket(trio_websocket.WebSocketConnection):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.on_pong = self.deliver = self.on_reader_done = None
+        #: Whether the reader still parses frames itself (:meth:`_read_frames`).
+        self._scanning = True
+        #: An incomplete frame read so far (None: none).
+        self._partial: bytearray | None = None
+        #: Bytes read after a control frame, not scanned yet.
+        self._unscanned: bytes = b""
 
     def _reader_done(self) -> None:
         callback, self.on_reader_done = self.on_reader_done, None
@@ -129,10 +135,12 @@ class _ServerWebSocket(trio_websocket.WebSocketConnection):
             callback()
 
     async def _reader_task(self) -> None:
-        """trio-websocket's reader loop (0.12.2, pinned), with one table of event handlers
-        for every connection (it builds a dict of bound methods per connection) and the
-        message channel closed through whatever stands for it at the end
-        (:meth:`drop_message_channel`); then the connection is told the reader is done."""
+        """trio-websocket's reader loop (0.12.2, pinned), reading complete text and binary
+        frames itself (:meth:`_read_frames`) and leaving everything else to wsproto; with
+        one table of event handlers for every connection (trio-websocket builds a dict of
+        bound methods per connection) and the message channel closed through whatever
+        stands for it at the end (:meth:`drop_message_channel`); then the connection is
+        told the reader is done."""
         try:
             try:
                 while self._reader_running:
@@ -146,26 +154,75 @@ class _ServerWebSocket(trio_websocket.WebSocketConnection):
                         except trio_websocket.ConnectionClosed:
                             self._reader_running = False
                             break
-                    try:
-                        data = await self._stream.receive_some(self._receive_buffer_size)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        await self._abort_web_socket()
+                    if not self._reader_running:
                         break
-                    if not data:  # TCP closed (before a close frame: abnormal closure)
-                        if self._wsproto.state is not ConnectionState.CLOSED:
-                            await self._abort_web_socket()
-                        break
-                    if self._wsproto.state is not ConnectionState.CLOSED:
+                    data: bytes | bytearray
+                    if self._unscanned:  # what followed a control frame: no read needed
+                        data, self._unscanned = self._unscanned, b""
+                    else:
                         try:
-                            self._wsproto.receive_data(data)  # type: ignore[arg-type]  # (bytes)
-                        except RemoteProtocolError as err:
-                            if err.event_hint:
-                                await self._send(err.event_hint)
-                            await self._close_stream()
+                            data = await self._stream.receive_some(self._receive_buffer_size)
+                        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                            await self._abort_web_socket()
+                            break
+                        if not data:  # TCP closed (before a close frame: abnormal closure)
+                            if self._wsproto.state is not ConnectionState.CLOSED:
+                                await self._abort_web_socket()
+                            break
+                    if self._wsproto.state is ConnectionState.CLOSED:
+                        continue
+                    if self._scanning:
+                        data = await self._read_frames(data)
+                        if not data:
+                            continue
+                    try:
+                        self._wsproto.receive_data(data)  # type: ignore[arg-type]  # (bytes)
+                    except RemoteProtocolError as err:
+                        if err.event_hint:
+                            await self._send(err.event_hint)
+                        await self._close_stream()
             finally:
                 await self._send_channel.aclose()
         finally:
             self._reader_done()
+
+    async def _read_frames(self, data: bytes | bytearray) -> bytes | bytearray:
+        """The fast path of the reader: hand every complete, final, masked text or binary
+        frame of ``data`` (after what an earlier read left incomplete) to the connection,
+        parsed in one call (:func:`relay.fastpath.scan_client_frames`) instead of by
+        wsproto, and return what wsproto must parse: one control frame (what follows it
+        is scanned next), or, from the first frame the scan leaves to wsproto (a
+        fragment, reserved bits, an oversized or malformed frame, text that is not
+        UTF-8), everything, for the rest of the connection. wsproto so only ever sees
+        whole frames while the fast path runs, and has no state of its own to resume."""
+        partial = self._partial
+        if partial is not None:
+            partial += data
+            data = partial
+        frames, used, stop = fastpath.scan_client_frames(data, self._max_message_size)
+        if partial is not None:
+            del partial[:used]
+            rest: bytes | bytearray = partial
+        else:
+            rest = data[used:] if used < len(data) else b""
+        self._partial = None
+        if stop == fastpath.SCAN_MORE:
+            if rest:
+                self._partial = rest if isinstance(rest, bytearray) else bytearray(rest)
+            rest = b""
+        elif stop == fastpath.SCAN_OTHER:
+            self._scanning = False
+        for opcode, value in frames:
+            if opcode >= fastpath.OP_CLOSE:  # the last one (SCAN_CONTROL)
+                self._unscanned = bytes(rest)
+                return value  # type: ignore[no-any-return]
+            deliver = self.deliver
+            if deliver is not None:
+                await deliver(value)
+            else:  # not attached yet: trio-websocket's way (its channel)
+                event = TextMessage(data=value) if opcode == fastpath.OP_TEXT else BytesMessage(data=value)
+                await self._handle_message_event(event)
+        return rest
 
     def drop_message_channel(self) -> None:
         """Free trio-websocket's message channel once every message goes to ``deliver``
