@@ -90,3 +90,39 @@ def test_members_iterate(benchmark: Any, impl: ModuleType, n: int) -> None:
     for i in range(n):
         members.add(impl.Outbox(1 << 16, i % impl.N_ENCODINGS, i))
     assert benchmark(lambda: sum(1 for _ in members)) == n
+
+
+def _masked_text_frame(payload: bytes, mask: bytes = b"\x1f\x2e\x3d\x4c") -> bytes:
+    assert len(payload) < 126
+    return bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+PUBLISH = b'{"type":"publish","channel":"bench.0","ref":1,"data":{"seq":1,"pad":"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}}'
+
+
+def test_scan_client_frames(benchmark: Any, impl: ModuleType) -> None:
+    """Read 100 masked publish frames from one buffer (the reader's fast path)."""
+    _setup(benchmark, impl, "scan 100 client frames")
+    data = _masked_text_frame(PUBLISH) * 100
+    frames, used, stop = benchmark(impl.scan_client_frames, data, 1 << 20)
+    assert (len(frames), used, stop) == (100, len(data), impl.SCAN_MORE)
+    assert frames[-1] == (impl.OP_TEXT, PUBLISH.decode())
+
+
+def test_wsproto_client_frames(benchmark: Any) -> None:
+    """The same 100 frames parsed by wsproto (what the reader did before the fast path;
+    a reference row, not checked by CI)."""
+    from wsproto.connection import Connection, ConnectionType
+    from wsproto.events import TextMessage
+
+    benchmark.group = "scan 100 client frames"
+    benchmark.extra_info["reference"] = "wsproto"
+    data = _masked_text_frame(PUBLISH) * 100
+
+    def run() -> list[object]:
+        conn = Connection(ConnectionType.SERVER)
+        conn.receive_data(data)
+        return list(conn.events())
+
+    events = benchmark(run)
+    assert len(events) == 100 and isinstance(events[-1], TextMessage) and events[-1].data == PUBLISH.decode()
