@@ -605,39 +605,44 @@ async def _accept(server: RelayServer, reader: _Reader, peer: str, handshake: tr
     # The HTTP side is done with: free its buffers for the connection's lifetime.
     reader.raw = bytearray()
     reader.h11 = None  # type: ignore[assignment]
-    async with trio.open_nursery() as nursery:
-        try:
-            ws = await _handshake(server, nursery, stream)
-        except trio_websocket.ConnectionClosed:
-            ws = None  # the peer left during the handshake: nothing to answer
-        reader.pending(False)
-        if ws is None:
-            nursery.cancel_scope.cancel()
-            return
-        handshake.deadline = float("inf")
-        conn = Connection(server, ws, codec_of(ws), peer, identity, tick_ms)
-        server.add_connection(conn)
-        log.info("connection open", extra=logs.fields(
-            event="open", conn=conn.id, remote=peer, user=identity.user, encoding=conn.codec.name))
-        try:
-            await conn.serve()
-        except Exception:
-            log.exception("connection %s (%s): unexpected error; closing with 1011", conn.id, peer)
-            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_GRACE_SECONDS):
-                await ws.aclose(CLOSE_INTERNAL_ERROR, "internal error")
-        finally:
-            server.remove_connection(conn)
-            # Still open here only when the server stops (cancellation, drain timeout, a
-            # second signal): 1001 tells clients to reconnect; 1000 would tell them not to.
-            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_GRACE_SECONDS):
-                await ws.aclose(CLOSE_GOING_AWAY, "server stopping")
-            reason = ws.closed
-            server.metrics.connections_closed.labels(str(reason.code) if reason else "none").inc()
-            log.info("connection closed", extra=logs.fields(
-                event="close", conn=conn.id, remote=peer, user=conn.guard.identity.user,
-                duration_s=round(time.time() - conn.started_at, 3),
-                code=reason.code if reason else None, reason=(reason.reason or "") if reason else "no close frame"))
-            nursery.cancel_scope.cancel()
+    conn: Connection | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            try:
+                ws = await _handshake(server, nursery, stream)
+            except trio_websocket.ConnectionClosed:
+                ws = None  # the peer left during the handshake: nothing to answer
+            reader.pending(False)
+            if ws is None:
+                nursery.cancel_scope.cancel()
+                return
+            handshake.deadline = float("inf")
+            conn = Connection(server, ws, codec_of(ws), peer, identity, tick_ms)
+            server.add_connection(conn)
+            log.info("connection open", extra=logs.fields(
+                event="open", conn=conn.id, remote=peer, user=identity.user, encoding=conn.codec.name))
+            try:
+                await conn.serve()
+            except Exception:
+                log.exception("connection %s (%s): unexpected error; closing with 1011", conn.id, peer)
+                with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_GRACE_SECONDS):
+                    await ws.aclose(CLOSE_INTERNAL_ERROR, "internal error")
+            finally:
+                server.remove_connection(conn)
+                # Still open here only when the server stops (cancellation, drain timeout, a
+                # second signal): 1001 tells clients to reconnect; 1000 would tell them not to.
+                with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_GRACE_SECONDS):
+                    await ws.aclose(CLOSE_GOING_AWAY, "server stopping")
+                reason = ws.closed
+                server.metrics.connections_closed.labels(str(reason.code) if reason else "none").inc()
+                log.info("connection closed", extra=logs.fields(
+                    event="close", conn=conn.id, remote=peer, user=conn.guard.identity.user,
+                    duration_s=round(time.time() - conn.started_at, 3),
+                    code=reason.code if reason else None, reason=(reason.reason or "") if reason else "no close frame"))
+                nursery.cancel_scope.cancel()
+    finally:
+        if conn is not None:  # its tasks have ended (the nursery is done)
+            conn.release()
 
 
 def codec_of(ws: trio_websocket.WebSocketConnection) -> Codec:
