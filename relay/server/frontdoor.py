@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import time
 from functools import partial
 from collections.abc import Awaitable, Callable, Iterator
@@ -47,6 +48,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("relay.server")
 
 MAX_REQUEST_HEAD_BYTES = 16 * 1024
+#: The end of a request head (h11 also takes bare LF line ends).
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
 RECEIVE_BYTES = 16 * 1024
 #: Client messages are handed to the connection in trio-websocket's reader task
 #: (``_ServerWebSocket.deliver``); only one parsed before the connection is attached
@@ -56,16 +59,23 @@ WS_PATH = "/ws"
 
 
 class ReplayStream(trio.abc.Stream):
-    """A stream that first returns bytes already read from ``inner``, then reads ``inner``.
+    """A stream that first returns the request head already read from ``inner``, then,
+    once :meth:`answered` was called, the bytes read after the head, then reads ``inner``.
+
+    Holding back everything after the request until the handshake is answered keeps
+    wsproto's frame parser empty when the connection opens, so the reader can parse
+    frames itself from the first one (``_ServerWebSocket._read_frames``).
 
     ``socket`` is the raw socket only when ``inner`` is a plain socket stream: under TLS
     it is None, so nobody writes around the encryption (see ``Connection``'s direct sends).
     """
 
-    def __init__(self, inner: trio.abc.Stream, prefix: bytes) -> None:
+    def __init__(self, inner: trio.abc.Stream, head: bytes, early: bytes = b"") -> None:
         self._inner = inner
-        self._prefix = prefix
-        #: Called once the replayed bytes have all been read.
+        self._prefix = head
+        self._early = early
+        self._answered = trio.Event()
+        #: Called once the replayed bytes have all been read (and the handshake answered).
         self.on_replayed: Callable[[], None] | None = None
 
     @property
@@ -76,15 +86,23 @@ class ReplayStream(trio.abc.Stream):
     def socket(self) -> trio.socket.SocketType | None:
         return self._inner.socket if isinstance(self._inner, trio.SocketStream) else None
 
+    def answered(self) -> None:
+        """The handshake was answered (accepted or refused): let the reader go on."""
+        self._answered.set()
+
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         if self._prefix:
             await trio.lowlevel.checkpoint()
             n = len(self._prefix) if max_bytes is None else max_bytes
             data, self._prefix = self._prefix[:n], self._prefix[n:]
-            if not self._prefix and self.on_replayed is not None:
-                self.on_replayed()
-                self.on_replayed = None
             return data
+        await self._answered.wait()
+        if self._early:
+            data, self._early = self._early, b""
+            return data
+        if self.on_replayed is not None:
+            self.on_replayed()
+            self.on_replayed = None
         return await self._inner.receive_some(max_bytes)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
@@ -122,8 +140,9 @@ class _ServerWebSocket(trio_websocket.WebSocketConnection):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.on_pong = self.deliver = self.on_reader_done = None
-        #: Whether the reader still parses frames itself (:meth:`_read_frames`).
-        self._scanning = True
+        #: Whether the reader parses frames itself (:meth:`_read_frames`): None until the
+        #: connection is open, False once it left the rest to wsproto.
+        self._scanning: bool | None = None
         #: An incomplete frame read so far (None: none).
         self._partial: bytearray | None = None
         #: Bytes read after a control frame, not scanned yet.
@@ -171,7 +190,10 @@ class _ServerWebSocket(trio_websocket.WebSocketConnection):
                             break
                     if self._wsproto.state is ConnectionState.CLOSED:
                         continue
-                    if self._scanning:
+                    scanning = self._scanning
+                    if scanning is None and self._wsproto.state is ConnectionState.OPEN:
+                        scanning = self._scanning = True  # (from the first frame: see ReplayStream)
+                    if scanning:
                         data = await self._read_frames(data)
                         if not data:
                             continue
@@ -601,7 +623,11 @@ def tick_ms_of(target: bytes) -> int | str:
 async def _accept(server: RelayServer, reader: _Reader, peer: str, handshake: trio.CancelScope,
                   identity: Identity, tick_ms: int = 0) -> None:
     """Complete the WebSocket handshake of an admitted upgrade and serve the connection."""
-    stream = ReplayStream(reader.stream, bytes(reader.raw))
+    raw = bytes(reader.raw)
+    end = _HEAD_END.search(raw)  # (h11 parsed the request: its head is all there)
+    head = end.end() if end is not None else len(raw)
+    stream = ReplayStream(reader.stream, raw[:head], raw[head:])
+    del raw
     # The HTTP side is done with: free its buffers for the connection's lifetime.
     reader.raw = bytearray()
     reader.h11 = None  # type: ignore[assignment]
@@ -612,6 +638,8 @@ async def _accept(server: RelayServer, reader: _Reader, peer: str, handshake: tr
                 ws = await _handshake(server, nursery, stream)
             except trio_websocket.ConnectionClosed:
                 ws = None  # the peer left during the handshake: nothing to answer
+            finally:
+                stream.answered()
             reader.pending(False)
             if ws is None:
                 nursery.cancel_scope.cancel()
