@@ -1064,6 +1064,10 @@ SCAN_CONTROL = 2
 
 def scan_client_frames(data, max_size):
     """Split the complete client frames at the start of ``data``: see the twin."""
+    if not isinstance(data, (bytes, bytearray)):
+        raise TypeError(f"data must be bytes or bytearray, not {type(data).__name__}")
+    if not isinstance(max_size, int):
+        raise TypeError(f"max_size must be an int, not {type(max_size).__name__}")
     cdef const unsigned char[::1] buf = data
     cdef Py_ssize_t n = buf.shape[0]
     cdef Py_ssize_t pos = 0, head, end, i

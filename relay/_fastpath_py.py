@@ -744,6 +744,10 @@ def scan_client_frames(data: bytes | bytearray, max_size: int) -> tuple[list[tup
       ``SCAN_OTHER`` (the frame at ``consumed`` is one to leave to wsproto) or
       ``SCAN_CONTROL`` (the last frame is a control frame).
     """
+    if not isinstance(data, (bytes, bytearray)):
+        raise TypeError(f"data must be bytes or bytearray, not {type(data).__name__}")
+    if not isinstance(max_size, int):
+        raise TypeError(f"max_size must be an int, not {type(max_size).__name__}")
     frames: list[tuple[int, Any]] = []
     n = len(data)
     pos = 0

@@ -257,6 +257,10 @@ class _ServerWebSocket(trio_websocket.WebSocketConnection):
         self._reader_done()
 
     async def _handle_message_event(self, event: TextMessage | BytesMessage) -> None:
+        if not self._reader_running:
+            # The reader is stopping (a message over max_message_size was answered with
+            # 1009, or the connection is closing): what was parsed after that is not handled.
+            return
         deliver = self.deliver
         if (deliver is None or not event.message_finished
                 or self._message_size + len(event.data) > self._max_message_size):
