@@ -7,8 +7,6 @@ the compiled one skips without the extension unless ``RELAY_REQUIRE_COMPILED=1``
 
 from __future__ import annotations
 
-import importlib
-import os
 import struct
 from collections.abc import Callable
 from types import ModuleType
@@ -22,33 +20,8 @@ from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessag
 
 import relay._fastpath_py as py
 
-REQUIRE_COMPILED = os.environ.get("RELAY_REQUIRE_COMPILED", "") not in ("", "0")
-
-try:
-    cy: ModuleType | None = importlib.import_module("relay._fastpath")
-    IMPORT_ERROR = ""
-except ImportError as exc:  # not built; see compiled() below
-    cy = None
-    IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
-
-
-def compiled() -> ModuleType:
-    """Return the compiled module, or fail (RELAY_REQUIRE_COMPILED=1) / skip without it."""
-    if cy is not None:
-        return cy
-    reason = f"relay._fastpath is not importable ({IMPORT_ERROR})"
-    if REQUIRE_COMPILED:
-        pytest.fail(f"{reason}, but RELAY_REQUIRE_COMPILED=1")
-    pytest.skip(reason)
-
-
-def outcome(fn: Callable[..., Any], *args: Any) -> tuple[Any, ...]:
-    """Call ``fn`` and return ("ok", result) or ("raised", type, message)."""
-    try:
-        return ("ok", fn(*args))
-    except Exception as exc:  # compared, not swallowed: the caller asserts equality
-        return ("raised", type(exc), str(exc))
-
+# (the compiled module, or a skip / a failure in CI without it; results or exceptions)
+from test_fastpath_differential import compiled, cy, outcome
 
 def types_of(value: Any) -> Any:
     """The structure of ``value`` with every leaf replaced by its exact type."""
