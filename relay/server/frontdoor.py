@@ -127,7 +127,8 @@ class _ServerWebSocket(trio_websocket.WebSocketConnection):
     # Slots, not instance attributes: trio-websocket's instances already have as many
     # attributes as CPython shares between instances, and three more would give every
     # connection a dict of its own (about 1.6 KiB).
-    __slots__ = ("on_pong", "deliver", "on_reader_done", "_scanning", "_partial", "_unscanned")
+    __slots__ = ("on_pong", "deliver", "on_reader_done", "before_close", "_scanning", "_partial",
+                 "_unscanned")
 
     #: Called for every pong received (the connection's heartbeat bookkeeping).
     on_pong: Callable[[], None] | None
@@ -136,10 +137,12 @@ class _ServerWebSocket(trio_websocket.WebSocketConnection):
     deliver: Callable[[str | bytes], Awaitable[None]] | None
     #: Set by the connection: called once the reader task has ended.
     on_reader_done: Callable[[], None] | None
+    #: Set by the connection: writes what it has queued before the reader answers a close.
+    before_close: Callable[[], Awaitable[None]] | None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.on_pong = self.deliver = self.on_reader_done = None
+        self.on_pong = self.deliver = self.on_reader_done = self.before_close = None
         #: Whether the reader parses frames itself (:meth:`_read_frames`): None until the
         #: connection is open, False once it left the rest to wsproto.
         self._scanning: bool | None = None
@@ -262,10 +265,12 @@ class _ServerWebSocket(trio_websocket.WebSocketConnection):
             # 1009, or the connection is closing): what was parsed after that is not handled.
             return
         deliver = self.deliver
-        if (deliver is None or not event.message_finished
-                or self._message_size + len(event.data) > self._max_message_size):
+        oversized = self._message_size + len(event.data) > self._max_message_size
+        if deliver is None or not event.message_finished or oversized:
             # a fragment, a message over max_message_size (1009), or one parsed before the
             # connection is attached (it waits in the channel): trio-websocket's own way
+            if oversized:
+                await self._answering_close()
             await super()._handle_message_event(event)
             if self._close_reason is not None:  # over max_message_size: closed with 1009
                 self._reader_done()
@@ -291,7 +296,14 @@ class _ServerWebSocket(trio_websocket.WebSocketConnection):
         if self._wsproto.state is ConnectionState.OPEN:
             await super()._handle_ping_event(event)
 
+    async def _answering_close(self) -> None:
+        """A close frame is about to be sent in answer to the peer: let the connection
+        write what it has queued first."""
+        if self.before_close is not None and self._close_reason is None:
+            await self.before_close()
+
     async def _handle_close_connection_event(self, event: CloseConnection) -> None:
+        await self._answering_close()
         if self._wsproto.state is ConnectionState.OPEN:
             with contextlib.suppress(trio_websocket.ConnectionClosed):
                 await self._send(CloseConnection(code=event.code, reason=event.reason))

@@ -255,7 +255,7 @@ class Connection:
         once by reference counting instead of waiting, as garbage in reference cycles
         (44 objects per connection), for Python's cycle collector."""
         ws = self.ws
-        ws.deliver = ws.on_pong = ws.on_reader_done = None
+        ws.deliver = ws.on_pong = ws.on_reader_done = ws.before_close = None
         lock = ws._stream_lock
         if isinstance(lock, _HoldingLock):
             ws._stream_lock = lock._lock
@@ -363,6 +363,31 @@ class Connection:
         self.server.bytes_sent_by_encoding[self.codec.encoding] += len(data)
         return True
 
+    async def _write_before_close(self) -> None:
+        """The reader is about to answer a close frame of the peer, or a frame it refuses
+        with a close (1002, 1007, 1009): write what is queued first (the answers to the
+        peer's last messages among it), since nothing may follow a close frame. Within
+        ``CLOSE_GRACE_SECONDS``; a write cut short drops the TCP connection."""
+        if self._close is not None:
+            return  # closing already: the writer writes what is queued, then its close
+        ws = self.ws
+        data = b""
+        with trio.move_on_after(CLOSE_GRACE_SECONDS) as scope:
+            async with ws._stream_lock:
+                data = self._take()
+                if data:
+                    try:
+                        await ws._stream.send_all(data)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        return  # the peer is gone; the close answer meets the same error
+                self.outbox.written()
+        if scope.cancelled_caught:
+            log.info("connection %s: dropped after a stalled write before a close", self.id)
+            await trio.aclose_forcefully(ws._stream)
+            return
+        self.server.bytes_sent += len(data)
+        self.server.bytes_sent_by_encoding[self.codec.encoding] += len(data)
+
     def _attach(self) -> None:
         """Have trio-websocket's reader task hand each client message to :meth:`_deliver`.
 
@@ -372,6 +397,7 @@ class Connection:
         ws = self.ws
         ws.on_reader_done = self._reader_ended
         ws.deliver = self._deliver
+        ws.before_close = self._write_before_close
         try:
             while True:
                 self._handle_safely(ws._recv_channel.receive_nowait())
