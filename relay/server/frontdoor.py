@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import re
 import time
 from functools import partial
 from collections.abc import Awaitable, Callable, Iterator
@@ -48,8 +47,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("relay.server")
 
 MAX_REQUEST_HEAD_BYTES = 16 * 1024
-#: The end of a request head (h11 also takes bare LF line ends).
-_HEAD_END = re.compile(rb"\r?\n\r?\n")
 RECEIVE_BYTES = 16 * 1024
 #: Client messages are handed to the connection in trio-websocket's reader task
 #: (``_ServerWebSocket.deliver``); only one parsed before the connection is attached
@@ -229,7 +226,7 @@ class _ServerWebSocket(trio_websocket.WebSocketConnection):
             del partial[:used]
             rest: bytes | bytearray = partial
         else:
-            rest = data[used:] if used < len(data) else b""
+            rest = data[used:]
         self._partial = None
         if stop == fastpath.SCAN_MORE:
             if rest:
@@ -639,10 +636,9 @@ def tick_ms_of(target: bytes) -> int | str:
 async def _accept(server: RelayServer, reader: _Reader, peer: str, handshake: trio.CancelScope,
                   identity: Identity, tick_ms: int = 0) -> None:
     """Complete the WebSocket handshake of an admitted upgrade and serve the connection."""
-    raw = bytes(reader.raw)
-    end = _HEAD_END.search(raw)  # (h11 parsed the request: its head is all there)
-    head = end.end() if end is not None else len(raw)
-    stream = ReplayStream(reader.stream, raw[:head], raw[head:])
+    # What h11 has not consumed of the bytes read is what the client sent after the request.
+    raw, early = bytes(reader.raw), reader.h11.trailing_data[0]
+    stream = ReplayStream(reader.stream, raw[:len(raw) - len(early)], early)
     del raw
     # The HTTP side is done with: free its buffers for the connection's lifetime.
     reader.raw = bytearray()

@@ -326,20 +326,24 @@ class Connection:
                 await ws.aclose(code, reason)
             return
 
-    async def _write(self) -> bool:
+    async def _write(self, answering_close: bool = False) -> bool:
         """Write what is queued; return False when the connection is gone.
 
         The bytes are taken only once the stream lock is held (its holder may be next to
         write after a direct send that stopped inside a frame), and direct sends wait
         meanwhile (the lock holds the outbox) so frames queued later cannot overtake them.
+        ``answering_close``: the reader writes before it answers the peer's close (the
+        connection is no longer OPEN then), within ``CLOSE_GRACE_SECONDS``.
         """
         ws = self.ws
         with trio.CancelScope() as scope:
-            self._send_scope = scope
-            if self._close is not None:
+            if not answering_close:
+                self._send_scope = scope  # (the writer's: kick() shortens it)
+            if self._close is not None or answering_close:
                 scope.deadline = trio.current_time() + CLOSE_GRACE_SECONDS
             async with ws._stream_lock:
-                if ws.closed is not None or ws._wsproto.state is not ConnectionState.OPEN:
+                if ws.closed is not None or (
+                        ws._wsproto.state is not ConnectionState.OPEN and not answering_close):
                     return False
                 # While these bytes are on their way, their oldest message is the lag.
                 self.writing_since = self.outbox.oldest
@@ -353,7 +357,8 @@ class Connection:
                 finally:
                     self.writing_since = 0.0
                 self.outbox.written()
-        self._send_scope = None
+        if not answering_close:
+            self._send_scope = None
         if scope.cancelled_caught:
             # A write cut short leaves half a frame on the wire: no close frame can follow.
             log.info("connection %s: dropped after a stalled write during close", self.id)
@@ -368,25 +373,8 @@ class Connection:
         with a close (1002, 1007, 1009): write what is queued first (the answers to the
         peer's last messages among it), since nothing may follow a close frame. Within
         ``CLOSE_GRACE_SECONDS``; a write cut short drops the TCP connection."""
-        if self._close is not None:
-            return  # closing already: the writer writes what is queued, then its close
-        ws = self.ws
-        data = b""
-        with trio.move_on_after(CLOSE_GRACE_SECONDS) as scope:
-            async with ws._stream_lock:
-                data = self._take()
-                if data:
-                    try:
-                        await ws._stream.send_all(data)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        return  # the peer is gone; the close answer meets the same error
-                self.outbox.written()
-        if scope.cancelled_caught:
-            log.info("connection %s: dropped after a stalled write before a close", self.id)
-            await trio.aclose_forcefully(ws._stream)
-            return
-        self.server.bytes_sent += len(data)
-        self.server.bytes_sent_by_encoding[self.codec.encoding] += len(data)
+        if self._close is None:  # (closing already: the writer writes the rest, then its close)
+            await self._write(answering_close=True)
 
     def _attach(self) -> None:
         """Have trio-websocket's reader task hand each client message to :meth:`_deliver`.
